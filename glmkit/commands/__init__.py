@@ -1,0 +1,72 @@
+"""The subcommands of the `glmkit` command, one module each with `add_args(parser)` and `main(args)`.
+
+This package also holds what several commands share: the model and sampling flags, and loading a
+model with a one-line error instead of a traceback. Heavy imports (torch, the model) happen inside
+the commands' `main`, so `glmkit --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+
+class CommandError(Exception):
+    """A problem to report in one line (`glmkit: error: ...`), exit status 2."""
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", "-m", required=True, metavar="PATH_OR_ID",
+                       help="checkpoint folder (config.json, weights, tokenizer.model) or Hugging Face Hub id, "
+                            "e.g. THUDM/chatglm3-6b")
+    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="weights' dtype (default: float32 on CPU for models under 1e9 parameters, "
+                            "else bfloat16)")
+    group.add_argument("--device", default=None, metavar="DEVICE",
+                       help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    group.add_argument("--prefix", default=None, metavar="DIR",
+                       help="a P-Tuning v2 checkpoint folder to apply to the model")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--temperature", "-t", type=float, default=None, metavar="T",
+                       help="0 = greedy; higher = more varied (default: 0.8, as the official chat)")
+    group.add_argument("--top-p", type=float, default=None, metavar="P",
+                       help="sample from the smallest set of tokens whose probability reaches P "
+                            "(default: 0.8, as the official chat; 1 = off)")
+    group.add_argument("--top-k", type=int, default=None, metavar="K",
+                       help="sample from the K most likely tokens (default: 0 = off)")
+    group.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                       help="penalise tokens already seen; 1 = off (default), 1.1 is a mild penalty")
+    group.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                       help="stop a reply after N tokens (default: up to the context window)")
+    group.add_argument("--seed", type=int, default=None, metavar="S",
+                       help="random seed: the same seed and input give the same reply")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags that were given, as keyword arguments of ChatModel.chat / generate."""
+    names = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed")
+    kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    from glmkit.chat import sampling_params
+
+    try:  # check them before loading a model for minutes
+        sampling_params(**kwargs)
+    except (TypeError, ValueError) as e:
+        message = re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+        raise CommandError(message) from None
+    return kwargs
+
+
+def load_chat_model(args: argparse.Namespace):
+    """glmkit.chat.load with the model flags; a model that cannot be loaded is a CommandError."""
+    from glmkit.chat import load
+
+    try:
+        return load(args.model, dtype=args.dtype, device=args.device, prefix=args.prefix)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CommandError(f"cannot load model {args.model!r}: {message}") from None
