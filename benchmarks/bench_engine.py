@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from glmkit.config import ModelConfig  # noqa: E402
+from glmkit.config import ModelConfig
 
 
 def read_bandwidth(gib: float = 4.0, repeats: int = 3) -> float:
@@ -122,8 +122,10 @@ def run_transformers(ckpt: Path, prompt: torch.Tensor, new_tokens: int) -> dict:
     config = ours.config
     state = ours.state_dict()
     del ours
+    hf_config = glm_config(config, "sdpa")
     with torch.device("meta"):
-        model = GlmForCausalLM(glm_config(config, "sdpa"))
+        model = GlmForCausalLM(hf_config)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_config)  # its buffers are derived
     mapped = {k: v for k, v in to_glm_state_dict(state, config, copy=False).items()}
     del state
     model.load_state_dict(mapped, assign=True, strict=True)

@@ -27,13 +27,12 @@ import torch
 from .chat_format import ASSISTANT_TOKEN, ToolCallError, parse_reply, render_messages
 from .config import ModelConfig
 from .generate import check_context, generate_stream
+from .packed import pack_linears
 from .sampling import SamplingParams
 
 # The official chat()/stream_chat() defaults: do_sample=True, temperature=0.8, top_p=0.8.
 CHAT_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_p": 0.8}
 TRUNCATE_MODES = ("error", "drop_oldest")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 # Below this many parameters a model runs in float32 on a CPU by default (small, and fp32 is exact).
 FLOAT32_CPU_MAX_PARAMETERS = 1_000_000_000
 
@@ -59,22 +58,15 @@ def load(name_or_path: str | Path, dtype: torch.dtype | str | None = None, devic
     if dtype is None:
         dtype = default_dtype(ModelConfig.from_json(model_dir / "config.json"), device)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=parse_dtype(dtype), device=device, prefix=prefix)
-    model.eval()
+    model = load_model(model_dir, dtype=dtype, device=device, prefix=prefix)
+    if model.dtype == torch.bfloat16 and device.type == "cpu":
+        pack_linears(model)  # the CPU fast path for bf16 weights: inference only, hence here, not in the loader
     return ChatModel(model, tokenizer)
 
 
 def default_dtype(config: ModelConfig, device: torch.device | str) -> torch.dtype:
     small = config.num_parameters() < FLOAT32_CPU_MAX_PARAMETERS
     return torch.float32 if torch.device(device).type == "cpu" and small else torch.bfloat16
-
-
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def sampling_params(defaults: Mapping[str, Any] | None = None, prompt_tokens: int | None = None,

@@ -123,7 +123,7 @@ class ModelConfig:
 
     # ---- official config.json -------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         model_type = d.get("model_type", "chatglm")
         if model_type != "chatglm":
             raise ConfigError(f"unsupported model_type {model_type!r}: glmkit runs ChatGLM3 checkpoints "
@@ -148,7 +148,7 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
@@ -164,7 +164,7 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
+    def preset(cls, name: str) -> ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(**PRESETS[name])

@@ -17,20 +17,32 @@ Invariants:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import mmap
 import os
 import pickle
 import shutil
+import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
-from huggingface_hub import HfApi, get_cached_repo_tree, is_offline_mode, snapshot_download
-from huggingface_hub.errors import (CachedRepoTreeNotFoundError, HFValidationError, LocalEntryNotFoundError,
-                                    RepositoryNotFoundError)
+from huggingface_hub import (
+    HfApi,
+    get_cached_repo_tree,
+    is_offline_mode,
+    snapshot_download,
+)
+from huggingface_hub.errors import (
+    CachedRepoTreeNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -38,7 +50,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .model import ChatGLMForCausalLM
 
-__all__ = ["CheckpointError", "resolve_model_dir", "load_model", "save_model", "save_prefix"]
+__all__ = ["CheckpointError", "load_model", "resolve_model_dir", "save_model", "save_prefix"]
 
 
 class CheckpointError(ValueError):
@@ -199,6 +211,12 @@ class _Shard:
         with self._reading():
             return self._file.get_tensor(name) if self._file is not None else self._tensors[name]
 
+    def release(self, name: str) -> None:
+        """Give back the pages of a memory-mapped tensor that has been copied out (they count in this
+        process's memory until the whole shard is unmapped; the file keeps them)."""
+        if self._file is None:
+            _release_pages(self._tensors[name])
+
     @contextmanager
     def _reading(self) -> Iterator[None]:
         """Re-raise the library's error on a corrupt or truncated file as one that names the file."""
@@ -209,6 +227,19 @@ class _Shard:
         except Exception as e:
             raise CheckpointError(f"cannot read {self.path}: the file is corrupt or truncated "
                                   f"({type(e).__name__}: {e})") from e
+
+
+_MADV_DONTNEED = 4  # Linux: drop the pages; a later read of a file mapping reads the file again
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:  # whole pages only: a page shared with a neighbouring tensor stays
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -264,7 +295,10 @@ def _load_weights(model: ChatGLMForCausalLM, folder: Path, wanted: dict[str, lis
                                       f"does not hold them: {_names(absent)}")
             names = sorted(claimed)  # the index decides which copy of a duplicated tensor counts
         _check_shapes(path, {n: shard.shape(n) for n in names}, wanted)
-        tensors = {n: _place(shard.tensor(n), dtype, device) for n in names}
+        tensors = {}
+        for n in names:
+            tensors[n] = _place(shard.tensor(n), dtype, device)
+            shard.release(n)  # peak memory: the weights plus one tensor of the shard, not the whole shard
         del shard  # release the shard's file mapping before the next one
         model.load_state_dict(tensors, strict=False, assign=True)
         loaded.update(tensors)
@@ -319,7 +353,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch
     `prefix` names a P-Tuning v2 checkpoint (a folder or Hub id holding only `transformer.prefix_encoder.*`
     and a config.json with pre_seq_len / prefix_projection) to load on top of the base model.
     """
-    dtype, device = _as_dtype(dtype), torch.device(device)
+    dtype, device = as_dtype(dtype), torch.device(device)
     folder = resolve_model_dir(name_or_path)
     config = _read_config(folder)
     prefix_folder = resolve_model_dir(prefix) if prefix is not None else None
@@ -351,7 +385,7 @@ def _with_prefix_config(base: ModelConfig, prefix_folder: Path) -> ModelConfig:
                                prefix_projection=prefix_config.prefix_projection)
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype {dtype} is not a floating-point type")

@@ -1,33 +1,61 @@
 """The CPU fast path for bfloat16 weights: linears whose weights are prepacked for oneDNN.
 
-Why: on a CPU, decoding reads every weight once per token, so its speed is the memory bandwidth that
-the matrix-vector kernel reaches. torch's plain bf16 `F.linear` reaches about 60% of it; oneDNN with
-weights reordered once into its blocked layout (what inductor's weight freezing does) about 80%.
-For prompts (many rows at once) the same CPU multiplies float32 faster than bf16, so a long input
-unpacks one column block of the weight at a time to float32 and multiplies in float32.
+Why: on a CPU, decoding reads every weight once per token, so its speed is the memory bandwidth the
+matrix-vector kernel reaches. torch's plain bf16 `F.linear` reaches about 60% of it; oneDNN with the
+weight reordered once into its blocked layout (what inductor's weight freezing does) about 80-90%.
 
-One copy of the weight exists: the packed blocks. This is a module swap (`pack_linears`), so the
-model file does not change; `PackedLinear.forward` matches `F.linear` to bf16 rounding.
+Prompts (many rows at once) are compute-bound, and there the same CPU multiplies float32 about 1.5x
+faster than oneDNN's bf16 kernel. So a long input reads the packed weight a second way: on CPUs with
+AVX512-BF16, oneDNN's layout is `AB16b64a2b` — blocks of 64 output features, each a (K/2, 64) table of
+pairs of bf16 inputs. Seen as int32, a pair becomes two float32 values by two bit operations, and the
+product is a batched float32 matmul over the blocks. The layout is checked when the weight is packed;
+where it differs (another CPU, odd shapes), long inputs use the packed bf16 kernel instead.
+
+One copy of the weight exists: the packed one. This is a module swap (`pack_linears`), so the model
+file does not change; `PackedLinear.forward` matches `F.linear` to bf16 rounding.
 """
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # Rows at or below this go through the packed bf16 kernel; above it the float32 path is faster.
-PACKED_MAX_ROWS = 32
-# Output features per packed block: small enough that one block unpacked to float32 stays modest.
-BLOCK_OUT_FEATURES = 4096
+PACKED_MAX_ROWS = 48
+# Output blocks (of 64 features) unpacked to float32 at a time: 4 blocks x K 4096 = 4 MB of scratch.
+BLOCKS_PER_STEP = 4
+_BLOCK_N, _BLOCK_K = 64, 32
 
 
 def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _blocked_pairs(packed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """The packed weight's memory seen as (N/64, K/2, 64) int32 bf16 pairs, if it is `AB16b64a2b`.
+
+    The view aliases the packed tensor's memory: whoever holds it must hold `packed` too.
+    """
+    N, K = weight.shape
+    if N % _BLOCK_N or K % _BLOCK_K or torch.ops.mkldnn._nbytes(packed) != N * K * 2:
+        return None
+    words = N * K // 2
+    raw = torch.frombuffer((ctypes.c_int32 * words).from_address(torch.ops.mkldnn.data_ptr(packed)),
+                           dtype=torch.int32)
+    pairs = raw.view(N // _BLOCK_N, K // 2, _BLOCK_N)
+    # Check the layout on the first and last output blocks: (a, b) sits at [a/64][b/32][b%32/2][a%64][b%2].
+    for block in (0, N // _BLOCK_N - 1):
+        rows = weight[block * _BLOCK_N:(block + 1) * _BLOCK_N]  # (64, K)
+        expected = rows.reshape(_BLOCK_N, K // 2, 2).contiguous().view(torch.int32).squeeze(-1).t()
+        if not torch.equal(pairs[block], expected):
+            return None
+    return pairs
+
+
 class PackedLinear(nn.Module):
-    """`nn.Linear` for bf16 weights on CPU, weights held as oneDNN-packed column blocks."""
+    """`nn.Linear` for a bf16 weight on the CPU, held once, packed for oneDNN."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -35,27 +63,42 @@ class PackedLinear(nn.Module):
         if w.dtype != torch.bfloat16 or w.device.type != "cpu":
             raise ValueError(f"PackedLinear needs a bfloat16 CPU weight, got {w.dtype} on {w.device}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # Packed tensors are opaque to autograd and state_dict: keep them as plain attributes.
-        self.blocks = [torch.ops.mkldnn._reorder_linear_weight(b.contiguous(), 1)
-                       for b in w.split(BLOCK_OUT_FEATURES)]
+        # Opaque to autograd and state_dict: plain attributes, not parameters.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+        self.pairs = _blocked_pairs(self.packed, w)
         self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= PACKED_MAX_ROWS:
-            x2 = x2.to(torch.bfloat16)
-            outs = [torch.ops.mkldnn._linear_pointwise(x2, b, None, "none", [], "") for b in self.blocks]
+        if x2.shape[0] <= PACKED_MAX_ROWS or self.pairs is None:
+            out = torch.ops.mkldnn._linear_pointwise(x2.to(torch.bfloat16), self.packed, None, "none", [], "")
         else:
-            x2 = x2.float()
-            outs = [F.linear(x2, b.to_dense(torch.float32)) for b in self.blocks]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            out = self._float32_matmul(x2)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*shape, self.out_features)
 
+    def _float32_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) @ weight.T in float32 straight from the packed pairs; returns (M, N) bf16."""
+        M, K = x.shape
+        blocks = self.pairs.shape[0]
+        # Pair p of a row holds inputs 2p (low half) and 2p+1 (high half): order x the same way.
+        x_pairs = torch.cat((x[:, 0::2], x[:, 1::2]), dim=1).float()  # (M, K)
+        out = torch.empty(blocks, M, _BLOCK_N)
+        scratch = torch.empty(BLOCKS_PER_STEP, 2, K // 2, _BLOCK_N)  # float32 weights, (even; odd) inputs
+        bits = scratch.view(torch.int32)
+        for start in range(0, blocks, BLOCKS_PER_STEP):
+            n = min(BLOCKS_PER_STEP, blocks - start)
+            pairs = self.pairs[start:start + n]
+            torch.bitwise_left_shift(pairs, 16, out=bits[:n, 0])  # low bf16 -> float32
+            torch.bitwise_and(pairs, -65536, out=bits[:n, 1])  # high bf16 -> float32
+            torch.matmul(x_pairs, scratch[:n].view(n, K, _BLOCK_N), out=out[start:start + n])
+        return out.permute(1, 0, 2).reshape(M, blocks * _BLOCK_N).to(torch.bfloat16)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, blocks={len(self.blocks)}"
+        path = "float32 from blocked pairs" if self.pairs is not None else "packed bf16 only"
+        return f"in_features={self.in_features}, out_features={self.out_features}, long inputs: {path}"
 
 
 def pack_linears(model: nn.Module) -> nn.Module:

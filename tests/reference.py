@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from glmkit.config import ModelConfig
 
-
 # ---- transformers' GlmForCausalLM ---------------------------------------------------------------
 
 def glm_config(config: ModelConfig, attn_implementation: str = "eager"):

@@ -6,17 +6,14 @@ import copy
 
 import pytest
 import torch
+from tiny import make_tiny_checkpoint
 
 import glmkit.chat
+import glmkit.loader
 from glmkit.chat import ChatModel, drop_oldest_exchange, load, sampling_params
 from glmkit.chat_format import render_messages
 from glmkit.generate import ContextLengthError, Delta, generate
 from glmkit.sampling import SamplingParams
-
-try:  # tests/ is not a package; either import style finds the helper
-    from test_generate import make_tiny_checkpoint
-except ImportError:  # pragma: no cover
-    from tests.test_generate import make_tiny_checkpoint
 
 WINDOW = 256  # a small context window, so that over-long conversations are cheap to build
 
@@ -36,9 +33,9 @@ def test_load_defaults(chat_model):
 def test_load_dtype_and_bad_path(tmp_path, chat_model):
     with pytest.raises(ValueError, match="no folder"):
         load(tmp_path / "missing")
-    assert glmkit.chat.parse_dtype("bf16") == torch.bfloat16
+    assert glmkit.loader.as_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
-        glmkit.chat.parse_dtype("int3")
+        glmkit.loader.as_dtype("int3")
 
 
 def test_chat_returns_text_and_history(chat_model):

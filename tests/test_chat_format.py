@@ -6,7 +6,6 @@ encode(content), then <|assistant|>.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 from sentencepiece import SentencePieceProcessor
@@ -21,9 +20,6 @@ from glmkit.chat_format import (
     render_with_loss_mask,
     tools_system_message,
 )
-from glmkit.tokenizer import load_tokenizer
-
-TOKENIZER_MODEL = Path(__file__).resolve().parents[2] / "shared/testdata/chatglm3/tokenizer.model"
 
 GMASK, SOP, SYSTEM, USER, ASSISTANT, OBSERVATION = 64790, 64792, 64794, 64795, 64796, 64797
 EOS = 2
@@ -41,20 +37,8 @@ TOOLS = [
 
 
 @pytest.fixture(scope="module")
-def model_path() -> Path:
-    if not TOKENIZER_MODEL.is_file():
-        pytest.skip(f"the real ChatGLM3 tokenizer is not at {TOKENIZER_MODEL}")
-    return TOKENIZER_MODEL
-
-
-@pytest.fixture(scope="module")
-def tok(model_path):
-    return load_tokenizer(model_path)
-
-
-@pytest.fixture(scope="module")
-def sp(model_path) -> SentencePieceProcessor:
-    return SentencePieceProcessor(model_file=str(model_path))
+def sp(tokenizer_path) -> SentencePieceProcessor:
+    return SentencePieceProcessor(model_file=str(tokenizer_path))
 
 
 def official(sp, role_id: int, content: str, metadata: str = "") -> list[int]:

@@ -9,16 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import make_tiny_checkpoint
 
 import glmkit.chat
 from glmkit.cli import main
 from glmkit.commands.chat import format_tool_call
 from glmkit.generate import Delta
-
-try:  # tests/ is not a package; either import style finds the helper
-    from test_generate import make_tiny_checkpoint
-except ImportError:  # pragma: no cover
-    from tests.test_generate import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = ["--temperature", "0", "--max-new-tokens", "8"]

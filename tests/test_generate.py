@@ -6,49 +6,20 @@ Also home of `make_tiny_checkpoint`, the tiny random checkpoint that the chat AP
 from __future__ import annotations
 
 import dataclasses
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from tiny import make_tiny_checkpoint, real_tokenizer, tiny_model  # noqa: F401 (re-exported for old imports)
 
-from glmkit.config import ModelConfig
-from glmkit.generate import (GREEDY, ContextLengthError, StopStrings, generate, generate_greedy_batch,
-                             generate_stream)
-from glmkit.model import ChatGLMForCausalLM
+from glmkit.generate import (
+    GREEDY,
+    ContextLengthError,
+    StopStrings,
+    generate,
+    generate_greedy_batch,
+    generate_stream,
+)
 from glmkit.sampling import SamplingParams
-
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared/testdata/chatglm3/tokenizer.model"
-
-
-def real_tokenizer():
-    if not TOKENIZER.is_file():
-        pytest.skip(f"the real ChatGLM3 tokenizer is not at {TOKENIZER} (shared test data)")
-    from glmkit.tokenizer import load_tokenizer
-
-    return load_tokenizer(TOKENIZER)
-
-
-def tiny_model(seed: int = 0, **overrides) -> ChatGLMForCausalLM:
-    """The `tiny` preset with seed-fixed random weights, float32, eval mode."""
-    torch.manual_seed(seed)
-    config = dataclasses.replace(ModelConfig.preset("tiny"), **overrides)
-    return ChatGLMForCausalLM(config).eval()
-
-
-def make_tiny_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
-    """A tiny random checkpoint in the official layout, with the real tokenizer.model beside it."""
-    real_tokenizer()  # skips when the tokenizer is absent
-    from glmkit.loader import save_model
-
-    save_model(tiny_model(seed, **overrides), folder)
-    shutil.copyfile(TOKENIZER, folder / "tokenizer.model")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return real_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,13 @@ from safetensors.torch import save_file
 
 from glmkit import loader
 from glmkit.config import ConfigError, ModelConfig
-from glmkit.loader import CheckpointError, load_model, resolve_model_dir, save_model, save_prefix
+from glmkit.loader import (
+    CheckpointError,
+    load_model,
+    resolve_model_dir,
+    save_model,
+    save_prefix,
+)
 from glmkit.model import ChatGLMForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

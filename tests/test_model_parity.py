@@ -15,9 +15,21 @@ from glmkit.config import ModelConfig
 from glmkit.model import ChatGLMForCausalLM
 
 try:  # tests/ is not a package; either import style finds the helper
-    from reference import build_reference, manual_forward, manual_prefix, prefix_cache, randomize_
+    from reference import (
+        build_reference,
+        manual_forward,
+        manual_prefix,
+        prefix_cache,
+        randomize_,
+    )
 except ImportError:  # pragma: no cover
-    from tests.reference import build_reference, manual_forward, manual_prefix, prefix_cache, randomize_
+    from tests.reference import (
+        build_reference,
+        manual_forward,
+        manual_prefix,
+        prefix_cache,
+        randomize_,
+    )
 
 ATOL = 1e-4
 VOCAB = 512

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from glmkit.sampling import SamplingParams, apply_repetition_penalty, make_generator, presence_mask, sample
+from glmkit.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    make_generator,
+    presence_mask,
+    sample,
+)
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -5,14 +5,11 @@ scheme rather than against itself.
 """
 
 import random
-from pathlib import Path
 
 import pytest
 from sentencepiece import SentencePieceProcessor
 
 from glmkit.tokenizer import ChatGLMTokenizer, IncrementalDetokenizer, load_tokenizer
-
-TOKENIZER_MODEL = Path(__file__).resolve().parents[2] / "shared/testdata/chatglm3/tokenizer.model"
 
 SPECIALS = {
     "[MASK]": 64789, "[gMASK]": 64790, "[sMASK]": 64791, "sop": 64792, "eop": 64793,
@@ -32,20 +29,8 @@ MIXED_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def model_path() -> Path:
-    if not TOKENIZER_MODEL.is_file():
-        pytest.skip(f"the real ChatGLM3 tokenizer is not at {TOKENIZER_MODEL}")
-    return TOKENIZER_MODEL
-
-
-@pytest.fixture(scope="module")
-def tok(model_path) -> ChatGLMTokenizer:
-    return load_tokenizer(model_path)
-
-
-@pytest.fixture(scope="module")
-def sp(model_path) -> SentencePieceProcessor:
-    return SentencePieceProcessor(model_file=str(model_path))
+def sp(tokenizer_path) -> SentencePieceProcessor:
+    return SentencePieceProcessor(model_file=str(tokenizer_path))
 
 
 def official_decode(sp: SentencePieceProcessor, ids: list[int]) -> str:
@@ -143,10 +128,10 @@ def test_decode_rejects_non_integer_ids(tok):
 # -- loading -------------------------------------------------------------------------------------
 
 
-def test_load_from_file_or_folder(model_path):
-    assert load_tokenizer(model_path).encode("你好") == [36474, 54591]
-    assert load_tokenizer(model_path.parent).encode("你好") == [36474, 54591]
-    assert load_tokenizer(str(model_path.parent)).vocab_size == 64798
+def test_load_from_file_or_folder(tokenizer_path):
+    assert load_tokenizer(tokenizer_path).encode("你好") == [36474, 54591]
+    assert load_tokenizer(tokenizer_path.parent).encode("你好") == [36474, 54591]
+    assert load_tokenizer(str(tokenizer_path.parent)).vocab_size == 64798
 
 
 def test_load_missing_path_names_it(tmp_path):

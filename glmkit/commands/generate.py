@@ -9,7 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import CommandError, add_model_args, add_sampling_args, load_chat_model, sampling_kwargs
+from . import (
+    CommandError,
+    add_model_args,
+    add_sampling_args,
+    load_chat_model,
+    sampling_kwargs,
+)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
