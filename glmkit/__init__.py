@@ -13,6 +13,7 @@ _EXPORTS = {
     "load_tokenizer": "glmkit.tokenizer",
     "tools_system_message": "glmkit.chat_format",
     "ModelConfig": "glmkit.config",
+    "Agent": "glmkit.agent.loop",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -41,11 +41,16 @@ History = list[dict[str, Any]]
 
 
 def load(name_or_path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-         prefix: str | Path | None = None) -> ChatModel:
+         prefix: str | Path | None = None, adapter: str | Path | None = None, quantize=None,
+         threads: int | None = None) -> ChatModel:
     """Load a checkpoint (local folder or Hub id) and its tokenizer, ready to chat.
 
     device None: CUDA when available, else the CPU. dtype None: float32 on a CPU for models under
-    1e9 parameters, else bfloat16. prefix: a P-Tuning v2 checkpoint folder to apply.
+    1e9 parameters, else bfloat16 (always bfloat16 for quantized weights, what their kernels take).
+    prefix: a P-Tuning v2 checkpoint folder to apply. adapter: a LoRA adapter folder (glmkit.lora, PEFT
+    layout), merged into the weights. quantize: "int8", "int4" or a glmkit.quant.QuantConfig, to
+    quantize a float checkpoint while loading it (glmkit.quant; a quantized checkpoint needs none).
+    threads: CPU threads for the matrix products (default: torch's, one per core).
     """
     from .loader import load_model, resolve_model_dir
     from .tokenizer import load_tokenizer
@@ -55,10 +60,28 @@ def load(name_or_path: str | Path, dtype: torch.dtype | str | None = None, devic
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for, but torch sees no CUDA device "
                          f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r} must be a positive integer")
+        torch.set_num_threads(threads)
+    config = ModelConfig.from_json(model_dir / "config.json")
     if dtype is None:
-        dtype = default_dtype(ModelConfig.from_json(model_dir / "config.json"), device)
+        from .quant.checkpoint import CONFIG_KEY
+
+        quantized = quantize is not None or CONFIG_KEY in config.extra
+        dtype = torch.bfloat16 if quantized else default_dtype(config, device)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=dtype, device=device, prefix=prefix)
+    # An adapter merges into float weights: then the model is quantized after the merge.
+    model = load_model(model_dir, dtype=dtype, device=device, prefix=prefix,
+                       quantize=quantize if adapter is None else None)
+    if adapter is not None:
+        from .lora import load_adapter, merge_lora
+
+        model = merge_lora(load_adapter(model, adapter))  # merged: inference runs the plain model
+        if quantize is not None:
+            from .quant import as_quant_config, quantize_model
+
+            model = quantize_model(model, as_quant_config(quantize))
     if model.dtype == torch.bfloat16 and device.type == "cpu":
         pack_linears(model)  # the CPU fast path for bf16 weights: inference only, hence here, not in the loader
     return ChatModel(model, tokenizer)

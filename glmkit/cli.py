@@ -17,6 +17,14 @@ from glmkit.commands import CommandError
 COMMANDS = {
     "chat": "glmkit.commands.chat",
     "generate": "glmkit.commands.generate",
+    "serve": "glmkit.commands.serve",
+    "finetune": "glmkit.commands.finetune",
+    "merge-lora": "glmkit.commands.merge_lora",
+    "train-tokenizer": "glmkit.commands.train_tokenizer",
+    "tokenize-corpus": "glmkit.commands.tokenize_corpus",
+    "init-model": "glmkit.commands.init_model",
+    "quantize": "glmkit.commands.quantize",
+    "bench": "glmkit.commands.bench",
 }
 
 

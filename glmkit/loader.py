@@ -26,7 +26,7 @@ import pickle
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,10 +268,13 @@ def _names(names: Iterable[str], limit: int = 10) -> str:
 
 
 def _load_weights(model: ChatGLMForCausalLM, folder: Path, wanted: dict[str, list[int]],
-                  dtype: torch.dtype, device: torch.device, skip: str | None = None) -> None:
+                  dtype: torch.dtype, device: torch.device, skip: str | None = None,
+                  transform=None, progress=None) -> None:
     """Assign every tensor in `wanted` (name -> shape) from the checkpoint in `folder`, shard by shard.
 
     Names starting with `skip` are passed over (a base checkpoint's prefix, when a separate one is given).
+    `transform` (glmkit.quant's QuantizingTransform) turns the float weights it handles into the tensors
+    that replace them, straight from the shard, one at a time; `progress` (a tqdm bar) counts tensors.
     """
     files = _find_weight_files(folder)
 
@@ -297,11 +300,16 @@ def _load_weights(model: ChatGLMForCausalLM, folder: Path, wanted: dict[str, lis
         _check_shapes(path, {n: shard.shape(n) for n in names}, wanted)
         tensors = {}
         for n in names:
-            tensors[n] = _place(shard.tensor(n), dtype, device)
+            if transform is not None and transform.handles(n):
+                tensors.update(transform(n, shard.tensor(n).to(device)))  # quantized from the stored precision
+            else:
+                tensors[n] = _place(shard.tensor(n), dtype, device)
             shard.release(n)  # peak memory: the weights plus one tensor of the shard, not the whole shard
+            if progress is not None:
+                progress.update(1)
         del shard  # release the shard's file mapping before the next one
         model.load_state_dict(tensors, strict=False, assign=True)
-        loaded.update(tensors)
+        loaded.update(names)
     _check_missing(files.source, set(wanted) - loaded, model.config, by_index=False)
 
 
@@ -347,15 +355,26 @@ def _check_shapes(where: Path, shapes: dict[str, list[int]], wanted: dict[str, l
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
                device: torch.device | str = "cpu",
-               prefix: str | os.PathLike | None = None) -> ChatGLMForCausalLM:
+               prefix: str | os.PathLike | None = None, quantize=None,
+               progress: bool = False) -> ChatGLMForCausalLM:
     """A ChatGLM3 model in eval mode, from a checkpoint folder or a Hugging Face Hub id.
 
     `prefix` names a P-Tuning v2 checkpoint (a folder or Hub id holding only `transformer.prefix_encoder.*`
     and a config.json with pre_seq_len / prefix_projection) to load on top of the base model.
+
+    A quantized checkpoint (glmkit.quant; config.json says so) is memory-mapped, not copied. `quantize`
+    ("int8", "int4" or a glmkit.quant.QuantConfig) quantizes a float checkpoint while it is read, tensor
+    by tensor, so memory never holds the float model; on a quantized checkpoint it must name its mode.
+    dtype is then the activations' dtype. `progress` shows a progress bar on stderr.
     """
+    from .quant.checkpoint import check_request, load_quantized_weights, stored_quant_config
+    from .quant.convert import QuantizingTransform, quantize_model
+
     dtype, device = as_dtype(dtype), torch.device(device)
     folder = resolve_model_dir(name_or_path)
     config = _read_config(folder)
+    stored = stored_quant_config(config, folder)
+    quant = check_request(stored, quantize, folder)
     prefix_folder = resolve_model_dir(prefix) if prefix is not None else None
     if prefix_folder is not None:
         config = _with_prefix_config(config, prefix_folder)
@@ -363,17 +382,32 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters
         model = ChatGLMForCausalLM(config)
     shapes = {n: list(t.shape) for n, t in model.state_dict().items()}
-    if prefix_folder is None:
-        _load_weights(model, folder, shapes, dtype, device)
-    else:
-        base = {n: s for n, s in shapes.items() if not n.startswith(PREFIX)}
-        _load_weights(model, folder, base, dtype, device, skip=PREFIX)  # the given prefix replaces any here
+    if quant is not None:
+        model = quantize_model(model, quant, dtype)  # still on the meta device: the quantized shapes
+    base = {n: s for n, s in shapes.items() if prefix_folder is None or not n.startswith(PREFIX)}
+    skip = None if prefix_folder is None else PREFIX  # the given prefix replaces any in the base checkpoint
+    with _progress_bar(progress, len(base), f"loading {folder.name}") as bar:
+        if stored is not None:
+            load_quantized_weights(model, folder, device, skip=skip, progress=bar)
+        else:
+            transform = QuantizingTransform(model) if quant is not None else None
+            _load_weights(model, folder, base, dtype, device, skip=skip, transform=transform, progress=bar)
+    if prefix_folder is not None:
         _load_weights(model, prefix_folder, {n: s for n, s in shapes.items() if n.startswith(PREFIX)},
                       dtype, device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # cannot happen after the checks above; a model with unloaded weights must never escape
         raise CheckpointError(f"tensors left unloaded: {_names(left)}")
     return model.eval()
+
+
+def _progress_bar(enabled: bool, total: int, description: str):
+    """A tqdm bar on stderr counting tensors, or a context that does nothing."""
+    if not enabled:
+        return nullcontext()
+    from huggingface_hub.utils import tqdm
+
+    return tqdm(total=total, desc=description, unit="tensor", leave=False)
 
 
 def _with_prefix_config(base: ModelConfig, prefix_folder: Path) -> ModelConfig:
@@ -411,9 +445,11 @@ def save_model(model: ChatGLMForCausalLM, out_dir: str | os.PathLike, max_shard_
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from .quant.checkpoint import metadata_for
+
     state = {n: t.contiguous() for n, t in model.state_dict().items()}
     _write_config(model.config, model.dtype, out)
-    _write_safetensors(state, out, max_shard_bytes)
+    _write_safetensors(state, out, max_shard_bytes, metadata_for(model.config))  # a quantized model says so
     if tokenizer_path is not None:
         _copy_tokenizer(Path(tokenizer_path), out)
     return out
@@ -436,25 +472,32 @@ def _write_config(config: ModelConfig, dtype: torch.dtype, out: Path) -> None:
     dataclasses.replace(config, extra={**config.extra, "torch_dtype": dtype_name}).save_json(out / CONFIG)
 
 
-def _write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:
+def _write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None,
+                       metadata: dict[str, str] | None = None) -> None:
     for stale in [out / SAFETENSORS_INDEX, out / SAFETENSORS, *out.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
     groups = _plan_shards(state, max_shard_bytes)
     if len(groups) == 1:
-        _save_safetensors(state, out / SAFETENSORS)
+        _save_safetensors(state, out / SAFETENSORS, metadata)
         return
     weight_map = {}
     for i, names in enumerate(groups, start=1):
         file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        _save_safetensors({n: state[n] for n in names}, out / file)  # one shard in memory at a time
+        _save_safetensors({n: state[n] for n in names}, out / file, metadata)  # one shard in memory at a time
         weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
              "weight_map": dict(sorted(weight_map.items()))}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, path, metadata={"format": "pt"})  # transformers refuses safetensors without "format"
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    metadata = {"format": "pt", **(metadata or {})}  # transformers refuses safetensors without "format"
+    if len(metadata) > 1:  # quantized: aligned for memory-mapping straight into the kernels
+        from .quant.checkpoint import write_safetensors
+
+        write_safetensors(tensors, path, metadata)
+    else:
+        save_file(tensors, path, metadata=metadata)
     # safetensors creates the file owner-only (0600); give it the permissions config.json got from the umask.
     shutil.copymode(path.parent / CONFIG, path)
 

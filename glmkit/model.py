@@ -208,19 +208,25 @@ class ChatGLMForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
+                last_only: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab); (B, 1, vocab) with `last_only`; (B, K, vocab) at the K indices `logits_at`.
 
         input_ids (B, T) are the new tokens. attention_mask (B, past + T), 1 for real tokens and 0 for
         padding, covers every token seen so far (prefix excluded); left padding works through it, and
         positions then count real tokens only. With `kv_cache`, the new keys/values are appended to it.
+        attention_mask may instead be boolean (B, 1, T, prefix + past + T): the keys each new token
+        sees, as given (e.g. several sequences packed in one row, each seeing only its own keys);
+        position_ids are then required.
         """
         B, T = input_ids.shape
         transformer, config = self.transformer, self.config
         past = kv_cache.num_tokens if kv_cache is not None else 0
         if kv_cache is not None and past + T > kv_cache.capacity:
             raise ValueError(f"KV cache holds {kv_cache.capacity} tokens; {past} cached + {T} new do not fit")
-        if attention_mask is not None and attention_mask.shape != (B, past + T):
+        explicit_mask = attention_mask is not None and attention_mask.dim() == 4
+        if explicit_mask and position_ids is None:
+            raise ValueError("a (B, 1, T, keys) attention_mask needs position_ids")
+        if attention_mask is not None and not explicit_mask and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                              f"{(B, past + T)} (cached + new tokens)")
         if position_ids is None:
@@ -237,7 +243,13 @@ class ChatGLMForCausalLM(nn.Module):
         else:
             prefix_kv = transformer.prefix_kv(B, x.dtype)
             prefix_len, start = (0 if prefix_kv is None else prefix_kv.shape[-2]), 0
-        mask, is_causal = attention_bias(attention_mask, B, T, past, prefix_len, x.device)
+        if explicit_mask:
+            if attention_mask.shape != (B, 1, T, prefix_len + past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                                 f"{(B, 1, T, prefix_len + past + T)} (prefix + cached + new keys)")
+            mask, is_causal = attention_mask, False
+        else:
+            mask, is_causal = attention_bias(attention_mask, B, T, past, prefix_len, x.device)
 
         for i, layer in enumerate(transformer.encoder.layers):
             x = layer(x, cos, sin, mask, is_causal, kv_cache, start,
@@ -246,6 +258,8 @@ class ChatGLMForCausalLM(nn.Module):
             kv_cache.length = start + T
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[:, logits_at]
         return transformer.output_layer(transformer.encoder.final_layernorm(x))
 
 

@@ -192,3 +192,32 @@ def filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch
     keep &= sorted_logits > -math.inf  # masked (padded vocabulary) tokens never come back
     keep[:, 0] = True
     return keep
+
+
+def apply_presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                                     frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's additive penalties for every row at once (not HF's multiplicative repetition penalty).
+
+    logits (B, V); counts (B, V): how often each token already appears in the row's generated
+    tokens (the prompt does not count); presence and frequency (B,), each in [-2, 2] in the API.
+    logit -= frequency * count + presence * (count > 0).
+    """
+    counts = counts.to(logits.dtype)
+    return logits - frequency[:, None].to(logits.dtype) * counts - presence[:, None].to(logits.dtype) * (counts > 0)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, top_n: int = 0,
+                   vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under `logits` (B, V), computed in float32.
+
+    Returns the logprob of each row's `token_ids` (B,), and the ids (B, top_n) and logprobs
+    (B, top_n) of the row's `top_n` most likely tokens, most likely first. Ids at or above
+    `vocab_size` (the embedding's padding rows) have probability 0, as in `sample`.
+    """
+    logits = logits.to(torch.float32, copy=True)
+    if vocab_size is not None and vocab_size < logits.shape[1]:
+        logits[:, vocab_size:] = -math.inf
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, token_ids.long().view(-1, 1)).squeeze(1)
+    top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n > 0 else (logprobs[:, :0], logprobs[:, :0].long())
+    return chosen, top_ids, top_values

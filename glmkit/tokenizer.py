@@ -4,7 +4,10 @@ This module owns text <-> ids for single strings. It knows nothing of roles or m
 `chat_format`), and nothing of the model.
 
 Facts it keeps exactly (ChatGLM2/ChatGLM3 `tokenizer.model`):
-- 64789 SentencePiece pieces (ids 0..64788), then nine special tokens at fixed ids 64789..64797.
+- N SentencePiece pieces (ids 0..N-1), then the nine special tokens at ids N..N+8, as the official
+  SPTokenizer numbers them: 64789 pieces and specials 64789..64797 in the official model; any
+  other SentencePiece model (e.g. one made by `glmkit train-tokenizer`) gets its specials after
+  its own pieces.
 - `</s>` (2) ends a reply; `<unk>` (0) doubles as padding.
 - Text never becomes a special token: `encode` is plain SentencePiece, whose vocabulary has no
   special ids, so a user who types `<|user|>` gets ordinary pieces. This is the format's defence
@@ -28,7 +31,7 @@ SPECIAL_TOKEN_NAMES = (
     "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
     "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
 )
-NUM_PIECES = 64789  # ChatGLM2/3's SentencePiece model; the special ids are defined after it
+NUM_PIECES = 64789  # the official ChatGLM2/3 model's pieces; a model's own count is `num_pieces`
 REPLACEMENT_CHAR = "\ufffd"  # what SentencePiece writes for bytes that are not (yet) valid UTF-8
 
 
@@ -41,13 +44,13 @@ class ChatGLMTokenizer:
             self._sp = SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path}: not a SentencePiece model ({e})") from e
-        if self._sp.vocab_size() != NUM_PIECES:
-            raise ValueError(
-                f"{path}: expected the ChatGLM3 tokenizer with {NUM_PIECES} pieces, "
-                f"got {self._sp.vocab_size()}"
-            )
+        if self._sp.eos_id() < 0:
+            raise ValueError(f"{path}: the SentencePiece model has no end-of-text piece `</s>`")
+        if self._sp.piece_to_id("a") == self._sp.unk_id():
+            raise ValueError(f"{path}: the SentencePiece model has no piece 'a' (streaming decode needs it)")
         self.path = path
-        self._special_ids = {name: NUM_PIECES + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)}
+        self.num_pieces: int = self._sp.vocab_size()  # 64789 in the official model
+        self._special_ids = {name: self.num_pieces + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)}
         self._special_names = {i: name for name, i in self._special_ids.items()}
         self.eos_id: int = self._sp.eos_id()  # 2, `</s>`
         self.pad_id: int = self._sp.unk_id()  # 0, `<unk>`: ChatGLM pads with it
@@ -65,11 +68,11 @@ class ChatGLMTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Pieces plus special tokens (64798); the model pads its embedding rows further."""
-        return NUM_PIECES + len(SPECIAL_TOKEN_NAMES)
+        """Pieces plus special tokens (64798 officially); the model pads its embedding rows further."""
+        return self.num_pieces + len(SPECIAL_TOKEN_NAMES)
 
     def token_id(self, name: str) -> int:
-        """The id of a special token, e.g. `token_id("<|user|>") == 64795`."""
+        """The id of a special token, e.g. `token_id("<|user|>") == 64795` in the official model."""
         try:
             return self._special_ids[name]
         except KeyError:

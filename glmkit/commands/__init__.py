@@ -28,6 +28,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     group.add_argument("--prefix", default=None, metavar="DIR",
                        help="a P-Tuning v2 checkpoint folder to apply to the model")
+    group.add_argument("--adapter", default=None, metavar="DIR",
+                       help="a LoRA adapter folder (adapter_config.json, adapter_model.safetensors) to merge "
+                            "into the model")
+    add_runtime_args(group)
+
+
+def add_runtime_args(group) -> None:
+    """--quantize and --threads: how the weights are held and how many CPU cores multiply them."""
+    group.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                       help="quantize a float checkpoint while loading it, layer by layer (int4: groups of 128 "
+                            "inputs per scale; `glmkit quantize` writes a checkpoint that loads faster). A "
+                            "quantized checkpoint needs no flag")
+    group.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads for the matrix products (default: one per core)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +80,9 @@ def load_chat_model(args: argparse.Namespace):
     from glmkit.chat import load
 
     try:
-        return load(args.model, dtype=args.dtype, device=args.device, prefix=args.prefix)
+        return load(args.model, dtype=args.dtype, device=args.device, prefix=args.prefix,
+                    adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None),
+                    threads=getattr(args, "threads", None))
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CommandError(f"cannot load model {args.model!r}: {message}") from None

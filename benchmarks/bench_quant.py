@@ -1,0 +1,256 @@
+"""Micro-benchmarks and the quality report behind glmkit.quant's choices.
+
+    python benchmarks/bench_quant.py kernels [--threads 1,2]   # one row at ChatGLM3-6B's shapes, DRAM-bound
+    python benchmarks/bench_quant.py rows                      # rows per call: integer kernels vs float32
+    python benchmarks/bench_quant.py overhead                  # per-token cost outside the matrix products
+    python benchmarks/bench_quant.py quality [--model DIR]     # perplexity and logits, float vs quantized
+
+`kernels` times x (1, K) @ W.T for each of the 6B model's four block shapes and its output layer, for the
+bf16 packed path (glmkit.packed), int8 and int4 (group 32 / 64 / 128). Each timing cycles through enough
+copies of the weight to exceed the CPU's caches, so it reads memory as a decode step does; it reports
+milliseconds and GB/s of weight bytes. `rows` finds where the float32 path overtakes the integer kernels
+(kernels.INT*_KERNEL_MAX_ROWS). `overhead` times a decode step of a 28-layer model with tiny matrices:
+what a token costs beyond reading the weights. `quality` compares a float model with its int8 / int4
+versions on held-out text: perplexity and the largest logit difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from glmkit.config import ModelConfig  # noqa: E402
+from glmkit.packed import PackedLinear  # noqa: E402
+from glmkit.quant import Int4Linear, Int8Linear, QuantConfig, Scheme, quantize_model  # noqa: E402
+from glmkit.quant import kernels  # noqa: E402
+
+# (name, in_features K, out_features N) of ChatGLM3-6B's linears
+SHAPES_6B = [("qkv", 4096, 4608), ("dense", 4096, 4096), ("h_to_4h", 4096, 27392), ("4h_to_h", 13696, 4096),
+             ("output", 4096, 65024)]
+CACHE_BYTES = 600 * 2**20  # cycle through more weight bytes than this: past L2 and the (large, shared) L3
+
+
+def best_ms(fn, repeats: int = 7) -> float:
+    """Median-of-best: the median of the fastest half of `repeats` runs, in ms (a shared machine is noisy)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 4] * 1e3
+
+
+def make_layers(kind: str, k: int, n: int, copies: int) -> list[torch.nn.Module]:
+    """`copies` layers of one kind with random weights, made straight in their format (no float copy)."""
+    layers = []
+    for i in range(copies):
+        if kind == "bf16":
+            linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="meta")
+            linear.weight = torch.nn.Parameter(torch.empty(n, k, dtype=torch.bfloat16).uniform_(-0.02, 0.02))
+            layers.append(PackedLinear(linear))
+            continue
+        bits, group = (8, 0) if kind == "int8" else (4, int(kind.split("g")[1]))
+        cls = Int8Linear if bits == 8 else Int4Linear
+        layer = cls(k, n, False, Scheme(bits, group, True), torch.bfloat16)
+        if bits == 8:
+            layer.weight.random_(-127, 128)
+            layer.scales.fill_(0.001)
+        else:
+            layer.weight.random_(0, 256)
+            layer.scales_and_zeros.zero_()[..., 0] = 0.001
+        layers.append(layer)
+    return layers
+
+
+def weight_bytes(layer) -> int:
+    if isinstance(layer, PackedLinear):
+        return layer.in_features * layer.out_features * 2
+    return sum(b.nbytes for b in layer.buffers() if b is not None)
+
+
+def time_kind(kind: str, k: int, n: int, rows: int = 1, kernel: str = "auto") -> tuple[float, float]:
+    """(ms per call, GB/s of weights) for x (rows, K) through layers of `kind`, cycling past the caches."""
+    per_layer = make_layers(kind, k, n, 1)[0]
+    copies = max(2, math.ceil(CACHE_BYTES / weight_bytes(per_layer)))
+    layers = [per_layer, *make_layers(kind, k, n, copies - 1)]
+    for layer in layers:
+        if not isinstance(layer, PackedLinear):
+            layer.kernel = kernel
+    x = torch.randn(rows, k).bfloat16()
+    state = {"i": 0}
+
+    def step():
+        layers[state["i"] % copies](x)
+        state["i"] += 1
+
+    with torch.inference_mode():
+        ms = best_ms(step, repeats=max(7, 2 * copies))
+    return ms, weight_bytes(per_layer) / ms / 1e6
+
+
+def cmd_kernels(args) -> None:
+    kinds = ["bf16", "int8", "int4-g32", "int4-g64", "int4-g128"]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n{threads} thread(s): ms per call (GB/s of weights), one row")
+        print(f"{'shape':<22}" + "".join(f"{k:>18}" for k in kinds))
+        totals = dict.fromkeys(kinds, 0.0)
+        for name, k, n in SHAPES_6B:
+            cells = []
+            for kind in kinds:
+                ms, gbs = time_kind(kind, k, n)
+                count = 28 if name != "output" else 1
+                totals[kind] += ms * count
+                cells.append(f"{ms:>9.2f} ({gbs:>5.1f})")
+            print(f"{name + f' {k}x{n}':<22}" + "".join(f"{c:>18}" for c in cells), flush=True)
+        print(f"{'6B token (28 layers)':<22}" + "".join(f"{totals[k]:>12.0f} ms   " for k in kinds))
+
+
+def cmd_rows(args) -> None:
+    torch.set_num_threads(args.threads[0])
+    k, n = 4096, 4608
+    print(f"x (rows, {k}) @ ({n}, {k}).T, ms per call; bf16 is glmkit.packed's PackedLinear (auto)")
+    print(f"{'rows':>6}{'bf16':>10}{'int8 kernel':>13}{'int8 float32':>14}{'int4 kernel':>13}{'int4 float32':>14}")
+    for rows in (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256):
+        cells = [time_kind("bf16", k, n, rows)[0]]
+        for kind in ("int8", "int4-g128"):
+            for kernel in ("cpu", "float32"):
+                cells.append(time_kind(kind, k, n, rows, kernel)[0])
+        print(f"{rows:>6}" + "".join(f"{c:>12.2f}  " for c in cells), flush=True)
+
+
+class _NoMatmul(torch.nn.Module):
+    """Stands in for a linear: returns zeros of the right shape at once, so only the rest is timed."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def cmd_overhead(args) -> None:
+    """A decode step of the 6B shape with every linear replaced by `_NoMatmul`: attention over the cache,
+    norms, rotary, the cache writes and Python, i.e. what a token costs beyond reading the weights."""
+    from glmkit.model import ChatGLMForCausalLM
+
+    torch.set_num_threads(args.threads[0])
+    config = ModelConfig.preset("chatglm3-6b")
+    with torch.device("meta"):
+        model = ChatGLMForCausalLM(config)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, _NoMatmul(child.out_features))
+    model.transformer.embedding.word_embeddings = torch.nn.Embedding(config.padded_vocab_size, 1, device="meta")
+    model.to_empty(device="cpu")
+    model.transformer.embedding.word_embeddings = _Embedding(config.hidden_size)
+    for p in model.parameters():
+        p.data = torch.ones_like(p, dtype=torch.bfloat16)
+    model.eval()
+    for cached in (256, 1024):
+        cache = model.new_kv_cache(1, cached + 64)
+        with torch.inference_mode():
+            model(torch.zeros(1, cached, dtype=torch.long), kv_cache=cache)
+            token = torch.tensor([[1]])
+
+            def step():
+                model(token, kv_cache=cache, last_only=True)
+                cache.length -= 1  # keep the cache length fixed
+
+            ms = best_ms(step, repeats=21)
+        print(f"{ms:.2f} ms per decode step beyond the matrix products (6B shape, {cached} tokens cached, "
+              f"{args.threads[0]} thread(s))")
+
+
+class _Embedding(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1, hidden, dtype=torch.bfloat16))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.expand(*ids.shape, -1)
+
+
+def cmd_quality(args) -> None:
+    """Perplexity of a float model and its quantized versions on held-out text; max logit difference."""
+    from glmkit.loader import load_model
+    from glmkit.tokenizer import load_tokenizer
+
+    if args.model:
+        folder = Path(args.model)
+        float_model = load_model(folder, dtype=torch.float32)
+        tokenizer = load_tokenizer(folder)
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny import real_tokenizer, tiny_model
+
+        float_model, tokenizer = tiny_model(0), real_tokenizer()
+    text = Path(args.text).read_text(encoding="utf-8")
+    ids = torch.tensor([[tokenizer.token_id("[gMASK]"), tokenizer.token_id("sop")] + tokenizer.encode(text)])
+    ids = ids[:, :min(ids.shape[1], args.max_tokens, float_model.config.seq_length)]
+    with torch.inference_mode():
+        reference = float_model(ids).float()
+    print(f"{ids.shape[1]} tokens of {args.text}; model: {args.model or 'tiny (random weights)'}")
+    print(f"{'weights':<28}{'perplexity':>12}{'max |logit diff|':>18}{'of max |logit|':>16}")
+    print(f"{'float32':<28}{perplexity(reference, ids):>12.3f}{0:>18.4f}{0:>15.2%}")
+    for quant in (QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64), QuantConfig("int4", 128),
+                  QuantConfig("int4", 32, output="int4")):
+        try:
+            model = quantize_model(_copy(float_model), quant, torch.float32)
+        except ValueError as e:
+            print(f"{_label(quant):<28} skipped: {e}")
+            continue
+        for module in model.modules():
+            if isinstance(module, (Int8Linear, Int4Linear)):
+                module.kernel = "reference"  # the quantization's own effect, in float32
+        with torch.inference_mode():
+            logits = model(ids).float()
+        diff = (logits - reference).abs().max().item()
+        print(f"{_label(quant):<28}{perplexity(logits, ids):>12.3f}{diff:>18.4f}"
+              f"{diff / reference.abs().max().item():>15.2%}")
+
+
+def _label(quant: QuantConfig) -> str:
+    group = "per row" if quant.group_size == 0 else f"g{quant.group_size}"
+    return f"{quant.mode} {group}, output {quant.output}"
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return math.exp(loss.item())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["kernels", "rows", "overhead", "quality"])
+    p.add_argument("--threads", default=str(torch.get_num_threads()),
+                   type=lambda s: [int(t) for t in s.split(",")], help="comma-separated thread counts")
+    p.add_argument("--model", default=None, help="quality: a float checkpoint (default: the tiny random model)")
+    p.add_argument("--text", default=str(ROOT / "README.md"), help="quality: the held-out text")
+    p.add_argument("--max-tokens", type=int, default=1024, help="quality: tokens of the text to score")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}; int4 checkpoint layout native to the CPU kernel: "
+          f"{kernels.cpu_int4_layout_is_native()}")
+    {"kernels": cmd_kernels, "rows": cmd_rows, "overhead": cmd_overhead, "quality": cmd_quality}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The model side of the engine, and the only part that touches torch: a paged KV pool, one model
+call per step, one batched sample over all rows.
+
+The pool holds every layer's keys and values in slots, (layers, slots, groups, head dims), one slot
+per cached token: slot `base + block * block_size + offset` (see `block_manager`). Before the blocks
+come the P-Tuning prefix's slots (when the model has one; every sequence attends to them) and one
+trash slot, where padding tokens write the keys/values nobody reads.
+
+Two layouts of a step, both with `model.forward`'s own arguments:
+- rows (decode steps, or one sequence's prompt): row b holds its sequence's new tokens at the right
+  end of T columns and its keys at the right end of S columns (S = the longest sequence), with an
+  attention mask marking the real ones — the left-padded layout of batched generation, positions
+  following from the mask. Rows all of one length need no mask at all.
+- packed (prompts of several sequences): every new token in one row, with an explicit
+  (1, 1, N, keys) mask in which each token sees only its own sequence's keys, explicit positions, and
+  logits at each sequence's last token. No padding, so the linears do only the real tokens' work.
+`_StepCache` is the cache object the model writes to and reads from: in each layer it scatters the
+new keys/values into their slots, then gathers the keys/values (new ones included) for attention.
+No model code knows the cache is paged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glmkit.sampling import apply_presence_frequency_penalty, make_generator, sample, token_logprobs
+
+from .sequence import Sequence
+
+Scores = tuple[float, list[tuple[int, float]]]  # the chosen token's logprob; (id, logprob) of the best ones
+
+
+class _StepCache:
+    """One step's view of the pool, with the attributes and `write` that `model.forward` uses of a
+    `glmkit.model.KVCache`: `past` cached columns before the T new ones, S = past + T in all."""
+
+    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, read_slots: torch.Tensor,
+                 write_slots: torch.Tensor, past: int, total: int, prefix_len: int):
+        self.k_pool, self.v_pool = k_pool, v_pool
+        self.read_slots = read_slots  # (B * (prefix + S),) slots gathered for attention, row by row
+        self.write_slots = write_slots  # (B * T,) where each new token's keys/values go
+        self.prefix_len = prefix_len
+        self.length = prefix_len + past
+        self.num_tokens = past
+        self.capacity = total  # S: the model checks that past + T fit
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new (B, G, T, D) keys/values; return every row's keys/values, (B, G, prefix + S, D)."""
+        B, G, T, D = k.shape
+        k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]  # (slots, G, D)
+        k_pool.index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(B * T, G, D))
+        v_pool.index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(B * T, G, D))
+        keys = k_pool.index_select(0, self.read_slots).view(B, -1, G, D).transpose(1, 2)
+        values = v_pool.index_select(0, self.read_slots).view(B, -1, G, D).transpose(1, 2)
+        return keys, values
+
+
+class ModelRunner:
+    """Runs steps of a model over a paged KV pool of `num_blocks` blocks of `block_size` tokens."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, pad_id: int, vocab_size: int):
+        config = model.config
+        self.model = model
+        self.block_size = block_size
+        self.pad_id = pad_id
+        self.vocab_size = vocab_size
+        self.device = model.device
+        with torch.inference_mode():
+            prefix = model.transformer.prefix_kv(1, model.dtype)  # (L, 2, 1, G, P, D) or None
+        self.prefix_len = 0 if prefix is None else prefix.shape[-2]
+        self.trash_slot = self.prefix_len
+        self.base = self.prefix_len + 1
+        shape = (config.num_layers, self.base + num_blocks * block_size, config.num_kv_groups, config.kv_channels)
+        self.k_pool = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        self.v_pool = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        if prefix is not None:
+            self.k_pool[:, :self.prefix_len] = prefix[:, 0, 0].transpose(1, 2)  # (L, P, G, D)
+            self.v_pool[:, :self.prefix_len] = prefix[:, 1, 0].transpose(1, 2)
+        self.generators: dict[int, torch.Generator | None] = {}  # seq_id -> its seeded generator
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return 2 * self.k_pool.numel() * self.k_pool.element_size()
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence]) -> tuple[list[int], list[Scores | None]]:
+        """Feed each sequence's uncached tokens in one model call; return each one's next token (and
+        its logprobs when asked for; see `sample`)."""
+        logits = self.forward(seqs)
+        return self.sample(seqs, logits)
+
+    def forward(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits of the last token of each sequence, (B, V), its new keys/values now in the pool."""
+        if len(seqs) == 1 or all(seq.num_tokens - seq.num_cached_tokens == 1 for seq in seqs):
+            return self._forward_rows(seqs)
+        return self._forward_packed(seqs)
+
+    def _forward_rows(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One row per sequence: decode steps (one new token each), or one sequence's prompt."""
+        device = self.device
+        lengths = [seq.num_tokens for seq in seqs]
+        new = [seq.token_ids[seq.num_cached_tokens:] for seq in seqs]
+        B, S, T = len(seqs), max(lengths), max(map(len, new))
+        input_ids = torch.tensor([[self.pad_id] * (T - len(ids)) + ids for ids in new], device=device)  # (B, T)
+        # Column j of row b holds token j - (S - n_b) of its sequence: negative means padding.
+        n = torch.tensor(lengths, device=device)
+        token = torch.arange(S, device=device)[None, :] - (S - n)[:, None]  # (B, S)
+        real = token >= 0
+        slots = self._slots(self._tables(seqs), token.clamp(min=0)).masked_fill(~real, self.trash_slot)
+        # The new tokens are the last T columns; a shorter row's first ones are cached, not written.
+        num_new = torch.tensor([len(ids) for ids in new], device=device)
+        fresh = torch.arange(T, device=device)[None, :] >= (T - num_new)[:, None]  # (B, T)
+        write_slots = slots[:, S - T:].masked_fill(~fresh, self.trash_slot)
+        cache = _StepCache(self.k_pool, self.v_pool, self._with_prefix(slots).flatten(), write_slots.flatten(),
+                           S - T, S, self.prefix_len)
+        # Rows all of one length need no mask: the model then uses the same kernels as one request.
+        mask = None if min(lengths) == S else real
+        return self.model(input_ids, attention_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+
+    def _forward_packed(self, seqs: list[Sequence]) -> torch.Tensor:
+        """All sequences' new tokens in one row, each seeing only its own keys: prompts of different
+        lengths without padding, so the linears do exactly the work of the real tokens."""
+        device = self.device
+        rows = torch.arange(len(seqs), device=device)
+        n = torch.tensor([seq.num_tokens for seq in seqs], device=device)
+        cached = torch.tensor([seq.num_cached_tokens for seq in seqs], device=device)
+        tables = self._tables(seqs)
+        # Keys: every token of every sequence, in order; queries: the new tokens (the uncached tail).
+        key_seq = rows.repeat_interleave(n)  # (K,) the sequence of each key
+        key_token = torch.arange(len(key_seq), device=device) - (n.cumsum(0) - n)[key_seq]
+        query_seq = rows.repeat_interleave(n - cached)  # (N,)
+        ends = (n - cached).cumsum(0)
+        query_token = torch.arange(len(query_seq), device=device) - (ends - (n - cached))[query_seq] + cached[query_seq]
+        visible = (query_seq[:, None] == key_seq[None, :]) & (key_token[None, :] <= query_token[:, None])  # (N, K)
+        if self.prefix_len:
+            visible = torch.cat((visible.new_ones(len(query_seq), self.prefix_len), visible), dim=1)
+        key_slots = self._slots(tables[key_seq], key_token[:, None]).squeeze(1)
+        write_slots = self._slots(tables[query_seq], query_token[:, None]).squeeze(1)
+        cache = _StepCache(self.k_pool, self.v_pool, self._with_prefix(key_slots[None])[0], write_slots,
+                           len(key_seq) - len(query_seq), len(key_seq), self.prefix_len)
+        input_ids = torch.tensor([[t for seq in seqs for t in seq.token_ids[seq.num_cached_tokens:]]], device=device)
+        return self.model(input_ids, position_ids=query_token[None], attention_mask=visible[None, None],
+                          kv_cache=cache, logits_at=ends - 1)[0]
+
+    def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The block tables, (B, most blocks), padded with block 0 (never read through)."""
+        widest = max(len(seq.block_table) for seq in seqs)
+        return torch.tensor([seq.block_table + [0] * (widest - len(seq.block_table)) for seq in seqs],
+                            device=self.device)
+
+    def _slots(self, tables: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """The pool slot of token index `token` (B, J) of each row's sequence, by its block table (B, blocks)."""
+        bs = self.block_size
+        return tables.gather(1, token // bs) * bs + token % bs + self.base
+
+    def _with_prefix(self, slots: torch.Tensor) -> torch.Tensor:
+        """(B, J) slots with the P-Tuning prefix's slots put in front of each row."""
+        if not self.prefix_len:
+            return slots
+        prefix = torch.arange(self.prefix_len, device=self.device).expand(slots.shape[0], -1)
+        return torch.cat((prefix, slots), dim=1)
+
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[Scores | None]]:
+        """The next token of each sequence, in one `glmkit.sampling.sample` call, and for the sequences
+        whose params ask for logprobs, the chosen token's logprob and the best alternatives."""
+        params = [seq.params for seq in seqs]
+        raw = logits
+        logits = apply_request_rules(seqs, logits)
+        generators = None
+        if any(p.seed is not None for p in params):
+            generators = [self._generator(seq) for seq in seqs]
+        seen = None
+        if any(p.repetition_penalty != 1 for p in params):
+            seen = [seq.token_ids if seq.params.repetition_penalty != 1 else [] for seq in seqs]
+        tokens = sample(logits, params, generators=generators, seen=seen, vocab_size=self.vocab_size)
+        wanted = [getattr(p, "logprobs", None) for p in params]
+        if all(k is None for k in wanted):
+            return tokens.tolist(), [None] * len(seqs)
+        # Under the model's own distribution: before penalties, constraints and temperature.
+        chosen, top_ids, top_values = token_logprobs(raw, tokens, max(k for k in wanted if k is not None),
+                                                     self.vocab_size)
+        chosen, top_ids, top_values = chosen.tolist(), top_ids.tolist(), top_values.tolist()
+        scores = [None if k is None else (chosen[i], list(zip(top_ids[i][:k], top_values[i][:k])))
+                  for i, k in enumerate(wanted)]
+        return tokens.tolist(), scores
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        """A seeded sequence's generator, made on its first step and kept across preemptions."""
+        if seq.seq_id not in self.generators:
+            self.generators[seq.seq_id] = make_generator(seq.params.seed, self.device)
+        return self.generators[seq.seq_id]
+
+    def release(self, seq: Sequence) -> None:
+        """Forget what the runner kept for `seq` (its generator); its blocks are the manager's."""
+        self.generators.pop(seq.seq_id, None)
+
+
+def apply_request_rules(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+    """The logits (B, V) after what some requests ask beyond `SamplingParams`, read from their params
+    when present: OpenAI's `presence_penalty` / `frequency_penalty` (over the generated tokens), then
+    a `constraint` (an object whose `apply(row, generated)` sets forbidden tokens to -inf in place).
+    The order and meaning are those of the server's single-request path. Untouched rows stay as given."""
+    params = [seq.params for seq in seqs]
+    presence = [getattr(p, "presence_penalty", 0.0) or 0.0 for p in params]
+    frequency = [getattr(p, "frequency_penalty", 0.0) or 0.0 for p in params]
+    penalised = [i for i in range(len(seqs)) if presence[i] or frequency[i]]
+    constrained = [i for i, p in enumerate(params) if getattr(p, "constraint", None) is not None]
+    if not penalised and not constrained:
+        return logits
+    logits = logits.to(torch.float32, copy=True)
+    if penalised:
+        V, device = logits.shape[1], logits.device
+        counts = torch.stack([torch.bincount(torch.tensor(seqs[i].output_ids, dtype=torch.long, device=device),
+                                             minlength=V) for i in penalised])  # (rows, V)
+        logits[penalised] = apply_presence_frequency_penalty(
+            logits[penalised], counts, torch.tensor([presence[i] for i in penalised], device=device),
+            torch.tensor([frequency[i] for i in penalised], device=device))
+    for i in constrained:
+        params[i].constraint.apply(logits[i], seqs[i].output_ids)
+    return logits

@@ -1,0 +1,261 @@
+"""The continuous-batching engine against the single-request generator, on a tiny random model.
+
+The oracle is `glmkit.generate`: greedy output of the engine, batched, paged, prefix-shared or
+preempted, equals one-request-at-a-time generation token for token and delta for delta.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+from tiny import real_tokenizer, tiny_model
+
+from glmkit.engine import AsyncEngine, LLMEngine
+from glmkit.generate import GREEDY, ContextLengthError, generate, generate_stream
+from glmkit.sampling import SamplingParams
+
+TEXTS = ["Hello, how are you?", "你好", "Tell me a story about a dragon and a knight", "1 2 3 4 5 6 7 8 9 10 11 12",
+         "x", "The quick brown fox jumps over the lazy dog. " * 3, "写一首关于春天的诗", "What is 2+2?"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # A tiny model's ops are too small for two threads to pay off; on a shared machine they cost.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return real_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def prompt_ids(tok, text: str) -> list[int]:
+    return [tok.token_id("[gMASK]"), tok.token_id("sop")] + tok.encode(text)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    return [prompt_ids(tok, t) for t in TEXTS]
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_new_tokens=n, **kw)
+
+
+def run_streams(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> list[list]:
+    """Every request's deltas, all added at once."""
+    ids = [engine.add_request(p, sp) for p, sp in requests]
+    deltas = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for request_id, delta in engine.step():
+            deltas[request_id].append(delta)
+    return [deltas[i] for i in ids]
+
+
+def test_16_concurrent_greedy_requests_equal_16_single_runs(model, tok, prompts):
+    third = generate(model, tok, prompts[2], greedy(8)).token_ids[2]
+    free = generate(model, tok, prompts[0], greedy(30))
+    stop = free.text[10:12]  # a stop string somewhere in the reply
+    requests = [(prompts[i % len(prompts)], greedy(3 + 5 * i % 29)) for i in range(16)]
+    requests[3] = (prompts[2], greedy(8, stop_token_ids=[third]))
+    requests[5] = (prompts[0], greedy(30, stop=[stop]))
+    requests[6] = (prompts[1][:3], greedy(12))
+    engine = LLMEngine(model, tok)
+    got = run_streams(engine, requests)
+    for (p, params), deltas in zip(requests, got):
+        assert deltas == list(generate_stream(model, tok, p, params))
+    assert got[3][-1].finish_reason == "stop" and got[5][-1].finish_reason == "stop"
+    assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] == 0
+
+
+def test_requests_arriving_while_others_run(model, tok, prompts):
+    engine = LLMEngine(model, tok, block_size=4)
+    late = {2: prompts[3], 5: prompts[4], 6: prompts[5]}
+    ids = {engine.add_request(prompts[0], greedy(20)): prompts[0], engine.add_request(prompts[1], greedy(9)): prompts[1]}
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_unfinished() or step <= max(late):
+        if step in late:
+            ids[engine.add_request(late[step], greedy(11))] = late[step]
+        step += 1
+        for request_id, delta in engine.step():
+            if delta.token_id is not None:
+                tokens.setdefault(request_id, []).append(delta.token_id)
+    for request_id, p in ids.items():
+        n = 20 if p is prompts[0] else 9 if p is prompts[1] else 11
+        assert tokens[request_id] == generate(model, tok, p, greedy(n)).token_ids
+
+
+def test_prefix_reuse_is_hit_and_changes_nothing(model, tok):
+    system = prompt_ids(tok, "You are a helpful assistant who answers in one short sentence. " * 4)
+    requests = [(system + tok.encode(q), greedy(10)) for q in ("Why is the sky blue?", "Name a fruit.", "Hi")]
+    engine = LLMEngine(model, tok, block_size=8)
+    got = engine.generate([p for p, _ in requests], [sp for _, sp in requests])
+    shared = len(system) // 8 * 8
+    assert engine.block_manager.hit_tokens >= 2 * shared  # the 2nd and 3rd reuse the 1st one's blocks
+    for (p, sp), completion in zip(requests, got):
+        assert completion == generate(model, tok, p, sp)
+    # Later, the blocks are free but still hold the prefix: a new request reuses them.
+    hits = engine.block_manager.hit_tokens
+    again = system + tok.encode("And the sea?")
+    assert engine.generate([again], greedy(10))[0] == generate(model, tok, again, greedy(10))
+    assert engine.block_manager.hit_tokens - hits >= shared
+    assert engine.stats()["prefix_cache_hit_tokens"] == engine.block_manager.hit_tokens
+
+
+def test_preemption_under_a_tiny_cache_gives_equal_outputs(model, tok, prompts):
+    requests = [(prompts[i % len(prompts)], greedy(12 + i)) for i in range(10)]
+    need = max(len(p) + sp.max_new_tokens for p, sp in requests)
+    engine = LLMEngine(model, tok, num_blocks=-(-need // 4) + 2, block_size=4)
+    got = engine.generate([p for p, _ in requests], [sp for _, sp in requests])
+    assert engine.stats()["preemptions"] > 0
+    for (p, sp), completion in zip(requests, got):
+        assert completion == generate(model, tok, p, sp)
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_abort_frees_the_blocks_at_once(model, tok, prompts):
+    engine = LLMEngine(model, tok, block_size=4)
+    a = engine.add_request(prompts[2], greedy(50))
+    b = engine.add_request(prompts[5], greedy(50))
+    for _ in range(3):
+        engine.step()
+    held_by_a = engine.block_manager.blocks_for(len(prompts[2]) + 2)  # its prompt and 2 tokens fed back
+    used = engine.stats()["kv_blocks_used"]
+    assert engine.abort(a) and not engine.abort(a)
+    assert engine.stats()["kv_blocks_used"] == used - held_by_a
+    assert engine.stats()["running"] == 1
+    waiting = engine.add_request(prompts[0], greedy(5))
+    assert engine.abort(waiting)
+    tokens = [d.token_id for _ in range(60) for rid, d in engine.step() if rid == b and d.token_id is not None]
+    assert len(tokens) == 50 - 3 and engine.stats()["kv_blocks_used"] == 0
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(model, tok, prompts):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_new_tokens=16)
+    alone = LLMEngine(model, tok).generate([prompts[0]], params)[0]
+    assert alone == generate(model, tok, prompts[0], params)
+    mates = [SamplingParams(temperature=0.7, seed=i, max_new_tokens=5 + i) for i in range(5)] + [greedy(9)]
+    mates.append(SamplingParams(temperature=1.3, repetition_penalty=1.2, max_new_tokens=7))  # unseeded
+    crowd = LLMEngine(model, tok, block_size=4).generate(prompts[1:] + [prompts[0]], mates + [params])
+    assert crowd[-1] == alone
+    other_seed = LLMEngine(model, tok).generate([prompts[0]], dataclasses.replace(params, seed=4321))[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_repetition_penalty_rows_equal_single_runs(model, tok, prompts):
+    params = [greedy(20, repetition_penalty=1000.0), greedy(20), greedy(15, repetition_penalty=0.5)]
+    got = LLMEngine(model, tok).generate(prompts[:3], params)
+    for p, sp, completion in zip(prompts, params, got):
+        assert completion == generate(model, tok, p, sp)
+
+
+def test_p_tuning_prefix_model(tok, prompts):
+    m = tiny_model(pre_seq_len=3)
+    with torch.no_grad():
+        m.transformer.prefix_encoder.embedding.weight.normal_()
+    got = LLMEngine(m, tok, block_size=4).generate(prompts[:4], greedy(10))
+    for p, completion in zip(prompts, got):
+        assert completion == generate(m, tok, p, greedy(10))
+
+
+def test_bad_requests_are_refused_with_the_reason(model, tok, prompts):
+    engine = LLMEngine(model, tok, num_blocks=8, block_size=4)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.add_request([1, 10**6], GREEDY)
+    with pytest.raises(ContextLengthError, match="too many"):
+        engine.add_request([5] * model.config.seq_length, GREEDY)
+    with pytest.raises(ValueError, match="more than the whole KV cache holds"):
+        engine.add_request(prompts[0], greedy(40))  # 32 tokens of cache, and no max: the whole window
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.add_request(prompts[0], {"temperature": 0})
+    engine.add_request(prompts[0], greedy(4), request_id="x")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request(prompts[1], greedy(4), request_id="x")
+    assert engine.stats()["waiting"] == 1  # refused requests left nothing behind
+
+
+# ---- AsyncEngine ---------------------------------------------------------------------------------
+
+def test_async_engine_streams_concurrent_requests(model, tok, prompts):
+    requests = [(prompts[i % len(prompts)], greedy(4 + 3 * i)) for i in range(6)]
+
+    async def main():
+        engine = AsyncEngine(model, tok, max_num_seqs=4, block_size=8)
+        await engine.start()
+
+        async def collect(p, sp):
+            return [d async for d in engine.generate(p, sp)]
+
+        results = await asyncio.gather(*(collect(p, sp) for p, sp in requests))
+        stats = engine.stats()
+        await engine.stop()
+        return results, stats
+
+    results, stats = asyncio.run(main())
+    for (p, sp), deltas in zip(requests, results):
+        assert deltas == list(generate_stream(model, tok, p, sp))
+    assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
+    assert stats["prompt_tokens"] == sum(len(p) for p, _ in requests)
+    assert stats["generated_tokens"] == sum(len(d) - 1 for d in results)
+    assert set(stats) >= {"running", "waiting", "kv_blocks_total", "kv_blocks_used", "prompt_tokens",
+                          "generated_tokens"}
+
+
+def test_async_consumer_that_leaves_frees_its_blocks(model, tok, prompts):
+    async def main():
+        engine = AsyncEngine(model, tok, block_size=4)
+        stream = engine.generate(prompts[2], greedy(400))
+        other = asyncio.create_task(_collect(engine.generate(prompts[0], greedy(30))))
+        async for delta in stream:
+            if delta.token_id is not None:
+                break
+        assert engine.stats()["kv_blocks_used"] > 0
+        await stream.aclose()  # what a disconnected client does
+        # A task cancelled mid-stream aborts its request too.
+        cancelled = asyncio.create_task(_collect(engine.generate(prompts[3], greedy(400))))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        rest = await other
+        for _ in range(200):
+            if engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        stats = engine.stats()
+        await engine.stop()
+        return rest, stats
+
+    rest, stats = asyncio.run(main())
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
+    assert [d.token_id for d in rest[:-1]] == generate(model, tok, prompts[0], greedy(30)).token_ids
+
+
+async def _collect(stream):
+    return [d async for d in stream]
+
+
+def test_async_bad_request_raises_at_first_iteration(model, tok):
+    async def main():
+        engine = AsyncEngine(model, tok)
+        with pytest.raises(ContextLengthError):
+            engine.validate([5] * model.config.seq_length, GREEDY)
+        with pytest.raises(ContextLengthError):
+            await _collect(engine.generate([5] * model.config.seq_length, GREEDY))
+        await engine.stop()
+
+    asyncio.run(main())
