@@ -4,6 +4,7 @@
     python benchmarks/bench_quant.py rows                      # rows per call: integer kernels vs float32
     python benchmarks/bench_quant.py overhead                  # per-token cost outside the matrix products
     python benchmarks/bench_quant.py quality [--model DIR]     # perplexity and logits, float vs quantized
+    python benchmarks/bench_quant.py full                      # glmkit bench at 6B + transformers bf16, one run
 
 `kernels` times x (1, K) @ W.T for each of the 6B model's four block shapes and its output layer, for the
 bf16 packed path (glmkit.packed), int8 and int4 (group 32 / 64 / 128). Each timing cycles through enough
@@ -27,10 +28,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from glmkit.config import ModelConfig  # noqa: E402
-from glmkit.packed import PackedLinear  # noqa: E402
-from glmkit.quant import Int4Linear, Int8Linear, QuantConfig, Scheme, quantize_model  # noqa: E402
-from glmkit.quant import kernels  # noqa: E402
+from glmkit.config import ModelConfig
+from glmkit.packed import PackedLinear
+from glmkit.quant import (
+    Int4Linear,
+    Int8Linear,
+    QuantConfig,
+    Scheme,
+    kernels,
+    quantize_model,
+)
 
 # (name, in_features K, out_features N) of ChatGLM3-6B's linears
 SHAPES_6B = [("qkv", 4096, 4608), ("dense", 4096, 4096), ("h_to_4h", 4096, 27392), ("4h_to_h", 13696, 4096),
@@ -117,16 +124,25 @@ def cmd_kernels(args) -> None:
 
 
 def cmd_rows(args) -> None:
+    """Rows per call where the float32 path overtakes the integer kernels (and how it fares against bf16).
+    One layer of each kind (in cache: this is about compute); the best of 3 interleaved rounds."""
     torch.set_num_threads(args.threads[0])
     k, n = 4096, 4608
-    print(f"x (rows, {k}) @ ({n}, {k}).T, ms per call; bf16 is glmkit.packed's PackedLinear (auto)")
-    print(f"{'rows':>6}{'bf16':>10}{'int8 kernel':>13}{'int8 float32':>14}{'int4 kernel':>13}{'int4 float32':>14}")
-    for rows in (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256):
-        cells = [time_kind("bf16", k, n, rows)[0]]
-        for kind in ("int8", "int4-g128"):
-            for kernel in ("cpu", "float32"):
-                cells.append(time_kind(kind, k, n, rows, kernel)[0])
-        print(f"{rows:>6}" + "".join(f"{c:>12.2f}  " for c in cells), flush=True)
+    layers = {kind: make_layers(kind, k, n, 1)[0] for kind in ("bf16", "int8", "int4-g128")}
+    columns = [("bf16", "auto"), ("int8", "cpu"), ("int8", "float32"), ("int4-g128", "cpu"), ("int4-g128", "float32")]
+    print(f"x (rows, {k}) @ ({n}, {k}).T, ms per call, {args.threads[0]} thread(s); bf16 is glmkit.packed")
+    print(f"{'rows':>6}" + "".join(f"{kind + ' ' + kernel:>18}" for kind, kernel in columns))
+    with torch.inference_mode():
+        for rows in (1, 4, 8, 16, 32, 48, 64, 128, 256):
+            x = torch.randn(rows, k).bfloat16()
+            best = dict.fromkeys(columns, float("inf"))
+            for _ in range(3):
+                for kind, kernel in columns:
+                    layer = layers[kind]
+                    if kind != "bf16":
+                        layer.kernel = kernel
+                    best[kind, kernel] = min(best[kind, kernel], best_ms(lambda layer=layer, x=x: layer(x), repeats=3))
+            print(f"{rows:>6}" + "".join(f"{best[c]:>18.2f}" for c in columns), flush=True)
 
 
 class _NoMatmul(torch.nn.Module):
@@ -165,7 +181,7 @@ def cmd_overhead(args) -> None:
             model(torch.zeros(1, cached, dtype=torch.long), kv_cache=cache)
             token = torch.tensor([[1]])
 
-            def step():
+            def step(token=token, cache=cache):
                 model(token, kv_cache=cache, last_only=True)
                 cache.length -= 1  # keep the cache length fixed
 
@@ -238,18 +254,51 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return math.exp(loss.item())
 
 
+def cmd_full(args) -> None:
+    """The issue's comparison in one run: `glmkit bench --shape chatglm3-6b` (bf16 / int8 / int4, random
+    weights) and transformers' GlmForCausalLM in bf16 (bench_engine.py's run, from its random float16
+    checkpoint, written once to bench-out/), each in its own process."""
+    import json
+    import subprocess
+
+    import bench_engine
+
+    threads = str(args.threads[0])
+    report = ROOT / "bench-out" / "bench_quant_full.json"
+    report.parent.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-m", "glmkit.cli", "bench", "--shape", "chatglm3-6b", "--prompt",
+                    str(args.prompt), "--new", str(args.new), "--threads", threads, "--json", str(report)],
+                   cwd=ROOT, check=True)
+    ckpt = ROOT / "bench-out" / "chatglm3-6b-random-fp16"
+    bench_engine.write_checkpoint(ModelConfig.preset("chatglm3-6b"), ckpt)
+    child = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--child", "transformers",
+                            "--ckpt", str(ckpt), "--prompt", str(args.prompt), "--new", str(args.new),
+                            "--threads", threads], cwd=ROOT, capture_output=True, text=True, check=True)
+    hf = json.loads(next(line for line in child.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    hf_decode = hf["decode_steps"] / hf["decode_s"]
+    ours = json.loads(report.read_text())["results"]
+    print(f"\ntransformers GlmForCausalLM bf16: prefill {args.prompt / hf['prefill_s']:.2f} tok/s, decode "
+          f"{hf_decode:.3f} tok/s, peak RSS {hf['peak_rss'] / 1e9:.2f} GB")
+    for mode, r in ours.items():
+        print(f"glmkit {mode} decode / transformers bf16 decode: {r['decode_tok_s'] / hf_decode:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["kernels", "rows", "overhead", "quality"])
+    p.add_argument("what", choices=["kernels", "rows", "overhead", "quality", "full"])
     p.add_argument("--threads", default=str(torch.get_num_threads()),
                    type=lambda s: [int(t) for t in s.split(",")], help="comma-separated thread counts")
     p.add_argument("--model", default=None, help="quality: a float checkpoint (default: the tiny random model)")
     p.add_argument("--text", default=str(ROOT / "README.md"), help="quality: the held-out text")
     p.add_argument("--max-tokens", type=int, default=1024, help="quality: tokens of the text to score")
+    p.add_argument("--prompt", type=int, default=256, help="full: prompt tokens")
+    p.add_argument("--new", type=int, default=32, help="full: tokens decoded")
     args = p.parse_args()
     print(f"torch {torch.__version__}; int4 checkpoint layout native to the CPU kernel: "
           f"{kernels.cpu_int4_layout_is_native()}")
-    {"kernels": cmd_kernels, "rows": cmd_rows, "overhead": cmd_overhead, "quality": cmd_quality}[args.what](args)
+    commands = {"kernels": cmd_kernels, "rows": cmd_rows, "overhead": cmd_overhead, "quality": cmd_quality,
+                "full": cmd_full}
+    commands[args.what](args)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from glmkit.config import ModelConfig  # noqa: E402
-from glmkit.engine import LLMEngine  # noqa: E402
-from glmkit.generate import generate  # noqa: E402
-from glmkit.model import ChatGLMForCausalLM  # noqa: E402
-from glmkit.packed import pack_linears  # noqa: E402
-from glmkit.sampling import SamplingParams  # noqa: E402
-from glmkit.tokenizer import load_tokenizer  # noqa: E402
+from glmkit.config import ModelConfig
+from glmkit.engine import LLMEngine
+from glmkit.generate import generate
+from glmkit.model import ChatGLMForCausalLM
+from glmkit.packed import pack_linears
+from glmkit.sampling import SamplingParams
+from glmkit.tokenizer import load_tokenizer
 
 TOKENIZER = ROOT.parent / "shared/testdata/chatglm3/tokenizer.model"
 

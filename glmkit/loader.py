@@ -24,11 +24,13 @@ import mmap
 import os
 import pickle
 import shutil
+import struct
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import (
@@ -44,7 +46,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
@@ -191,31 +192,23 @@ class _Shard:
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = None  # a safetensors handle, or
-        self._tensors: dict[str, torch.Tensor] = {}  # a .bin file's tensors, memory-mapped
-        with self._reading():
+        with self._reading():  # either format: tensors memory-mapped, read when used
             if path.suffix == ".safetensors":
-                self._file = safe_open(str(path), framework="pt", device="cpu")
-                self.names = list(self._file.keys())
+                self._tensors = map_safetensors(path)[1]
             else:
                 self._tensors = _torch_load(path)
-                self.names = list(self._tensors)
+        self.names = list(self._tensors)
 
     def shape(self, name: str) -> list[int]:
-        with self._reading():
-            if self._file is not None:
-                return list(self._file.get_slice(name).get_shape())
-            return list(self._tensors[name].shape)
+        return list(self._tensors[name].shape)
 
     def tensor(self, name: str) -> torch.Tensor:
-        with self._reading():
-            return self._file.get_tensor(name) if self._file is not None else self._tensors[name]
+        return self._tensors[name]
 
     def release(self, name: str) -> None:
         """Give back the pages of a memory-mapped tensor that has been copied out (they count in this
         process's memory until the whole shard is unmapped; the file keeps them)."""
-        if self._file is None:
-            _release_pages(self._tensors[name])
+        _release_pages(self._tensors[name])
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
@@ -258,6 +251,73 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if odd:
         raise CheckpointError(f"{path} holds entries that are not named tensors: {_names(map(str, odd))}")
     return data
+
+
+_SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+                       "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F32": torch.float32, "F64": torch.float64}
+
+
+def map_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, name -> tensor) of a safetensors file, the tensors being views of its memory map
+    (copy-on-write: writing to one never reaches the file). Nothing is read until a tensor is used."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"the header claims {header_len} bytes, more than the file holds")
+            header = json.loads(f.read(header_len))
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_len else b""
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated ({e})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(o) for o in info["data_offsets"])
+            count = 1
+            for d in shape:
+                count *= d
+            if end - start != count * dtype.itemsize or not 0 <= start <= end <= size - 8 - header_len:
+                raise ValueError(f"its bytes {start}..{end} do not fit its shape {shape} in this file")
+            offset = 8 + header_len + start
+            flat = (torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset) if count
+                    else torch.empty(0, dtype=dtype))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated "
+                                  f"(tensor {name!r}: {e})") from None
+        tensors[name] = flat.view(shape)
+    return metadata, tensors
+
+
+ALIGN = 64  # bytes: torch's int8 kernel reads its weight with aligned loads (16 bytes at least)
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def write_aligned_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file whose tensors start at multiples of 64 bytes (where their sizes allow), so that
+    memory-mapping it hands the kernels aligned weights. Standard safetensors: the header is padded with
+    spaces, and the tensors whose size is a multiple of 64 bytes come first (`safetensors.save_file`
+    orders by dtype, which leaves int8 weights unaligned)."""
+    order = sorted(tensors, key=lambda n: (tensors[n].nbytes % ALIGN != 0, n))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        header[name] = {"dtype": _SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in order:
+            f.write(tensors[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
 
 
 def _names(names: Iterable[str], limit: int = 10) -> str:
@@ -386,7 +446,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch
         model = quantize_model(model, quant, dtype)  # still on the meta device: the quantized shapes
     base = {n: s for n, s in shapes.items() if prefix_folder is None or not n.startswith(PREFIX)}
     skip = None if prefix_folder is None else PREFIX  # the given prefix replaces any in the base checkpoint
-    with _progress_bar(progress, len(base), f"loading {folder.name}") as bar:
+    total = len(base) if stored is None else sum(skip is None or not n.startswith(skip) for n in model.state_dict())
+    with _progress_bar(progress, total, f"loading {folder.name}") as bar:
         if stored is not None:
             load_quantized_weights(model, folder, device, skip=skip, progress=bar)
         else:
@@ -493,9 +554,7 @@ def _write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_byte
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     metadata = {"format": "pt", **(metadata or {})}  # transformers refuses safetensors without "format"
     if len(metadata) > 1:  # quantized: aligned for memory-mapping straight into the kernels
-        from .quant.checkpoint import write_safetensors
-
-        write_safetensors(tensors, path, metadata)
+        write_aligned_safetensors(tensors, path, metadata)
     else:
         save_file(tensors, path, metadata=metadata)
     # safetensors creates the file owner-only (0600); give it the permissions config.json got from the umask.

@@ -129,7 +129,7 @@ def test_interpreter_results_are_what_the_code_prints(train_set):
             continue
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            exec(check.expect["content"], {})  # the generator's own code templates, not model output
+            exec(check.expect["content"], {})  # noqa: S102 - the generator's own code templates, not model output
         observation = conversation.messages[check.turn + 1]["content"]
         assert observation == f"```result\n{printed.getvalue().strip()}\n```"
 
@@ -209,8 +209,9 @@ class CannedDemo:
         if tools == ["get_weather"]:
             city = self.city or ("Beijing" if "Beijing" in query else "北京")
             call = {"name": "get_weather", "parameters": {"city": city}}
-            return call, history + [{"role": "user", "content": query}, {"role": "assistant", "metadata": "get_weather",
-                                                                         "content": synth.tool_call_text(call["parameters"])}]
+            reply = {"role": "assistant", "metadata": "get_weather",
+                     "content": synth.tool_call_text(call["parameters"])}
+            return call, history + [{"role": "user", "content": query}, reply]
         return ("Hello! I am glmkit-demo." if query == "Hello" else "你好！我是 glmkit-demo。"), []
 
 
@@ -273,7 +274,7 @@ def test_toy_build_makes_a_model_glmkit_can_chat_with(tmp_path):
     assert log["stages"]["sft"]["command"].startswith("glmkit finetune --model")
     model = glmkit.load(folder, device="cpu")
     assert model.tokenizer.num_pieces == PRESETS["toy"].vocab_size
-    response, history = model.chat("Hello", temperature=0.0, max_new_tokens=4)
+    _, history = model.chat("Hello", temperature=0.0, max_new_tokens=4)
     assert history[0] == {"role": "user", "content": "Hello"} and len(history) == 2
     card = json.loads((folder / "demo.json").read_text(encoding="utf-8"))
     assert card["name"] == "glmkit-demo" and set(card["evaluation"]["rates"]) >= {"call", "answer"}

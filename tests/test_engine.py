@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny import real_tokenizer, tiny_model
 
-from glmkit.engine import AsyncEngine, LLMEngine
+from glmkit.engine import AsyncEngine, EngineStoppedError, LLMEngine
 from glmkit.generate import GREEDY, ContextLengthError, generate, generate_stream
 from glmkit.sampling import SamplingParams
 
@@ -61,6 +61,23 @@ def run_streams(engine: LLMEngine, requests: list[tuple[list[int], SamplingParam
         for request_id, delta in engine.step():
             deltas[request_id].append(delta)
     return [deltas[i] for i in ids]
+
+
+def test_model_runs_packed_sequences_with_an_explicit_mask(model):
+    """What the engine's packed prefill asks of the model: two sequences in one row, each token seeing
+    only its own sequence's keys, logits at each one's last token."""
+    a, b = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11]])
+    which = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    visible = (which[:, None] == which[None, :]) & (torch.arange(7)[None, :] <= torch.arange(7)[:, None])
+    with torch.no_grad():
+        got = model(torch.cat((a, b), dim=1), position_ids=positions, attention_mask=visible[None, None],
+                    logits_at=torch.tensor([3, 6]))
+        torch.testing.assert_close(got[0], torch.stack((model(a)[0, -1], model(b)[0, -1])), rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="needs position_ids"):
+            model(torch.cat((a, b), dim=1), attention_mask=visible[None, None])
+        with pytest.raises(ValueError, match="attention_mask has shape"):
+            model(torch.cat((a, b), dim=1), position_ids=positions, attention_mask=visible[None, None, :, :6])
 
 
 def test_16_concurrent_greedy_requests_equal_16_single_runs(model, tok, prompts):
@@ -112,6 +129,24 @@ def test_prefix_reuse_is_hit_and_changes_nothing(model, tok):
     assert engine.generate([again], greedy(10))[0] == generate(model, tok, again, greedy(10))
     assert engine.block_manager.hit_tokens - hits >= shared
     assert engine.stats()["prefix_cache_hit_tokens"] == engine.block_manager.hit_tokens
+
+
+def test_prompts_with_equal_new_token_counts_share_rows(model, tok):
+    """Prompts of one length run as plain rows (no mask); equal new counts over different cached
+    lengths run as left-padded rows with a mask. Both equal single runs."""
+    start = [tok.token_id("[gMASK]"), tok.token_id("sop")]
+    texts = ("apples and pears are sweet fruit", "the sky is very blue today", "一二三四五六七八九十")
+    same = [start + tok.encode(t)[:6] for t in texts]
+    assert {len(p) for p in same} == {8}
+    engine = LLMEngine(model, tok, block_size=4)
+    for p, got in zip(same, engine.generate(same, greedy(9))):
+        assert got == generate(model, tok, p, greedy(9))
+    # same[0]'s first 8 tokens are cached now: 4 new tokens after 8 cached, beside 4 new of a new prompt.
+    pair = [same[0][:8] + [30910, 31123, 54622, 55268], start + [30910, 31123]]
+    hits = engine.block_manager.hit_tokens
+    for p, got in zip(pair, engine.generate(pair, greedy(9))):
+        assert got == generate(model, tok, p, greedy(9))
+    assert engine.block_manager.hit_tokens - hits == 8
 
 
 def test_preemption_under_a_tiny_cache_gives_equal_outputs(model, tok, prompts):
@@ -245,6 +280,35 @@ def test_async_consumer_that_leaves_frees_its_blocks(model, tok, prompts):
     assert [d.token_id for d in rest[:-1]] == generate(model, tok, prompts[0], greedy(30)).token_ids
 
 
+def test_async_engine_survives_a_failing_step(model, tok, prompts):
+    """A step that raises fails the requests in flight (they hear why) and nothing else: the engine
+    serves the next request, and blocks registered for the failed step are not reused unfilled."""
+    prompt = prompts[5]  # several full blocks of 4: a prefix the failed prefill registered
+
+    async def main():
+        engine = AsyncEngine(model, tok, block_size=4)
+        runner, calls = engine.engine.runner, []
+        real_forward = runner.forward
+
+        def failing_once(seqs):
+            calls.append(len(seqs))
+            if len(calls) == 1:
+                raise RuntimeError("out of memory, say")
+            return real_forward(seqs)
+
+        runner.forward = failing_once
+        with pytest.raises(EngineStoppedError, match="out of memory, say"):
+            await _collect(engine.generate(prompt, greedy(10)))
+        after = await _collect(engine.generate(prompt, greedy(10)))
+        stats = engine.stats()
+        await engine.stop()
+        return after, stats
+
+    after, stats = asyncio.run(main())
+    assert [d.token_id for d in after[:-1]] == generate(model, tok, prompt, greedy(10)).token_ids
+    assert stats["kv_blocks_used"] == 0 and stats["prefix_cache_hit_tokens"] == 0
+
+
 async def _collect(stream):
     return [d async for d in stream]
 
@@ -259,3 +323,39 @@ def test_async_bad_request_raises_at_first_iteration(model, tok):
         await engine.stop()
 
     asyncio.run(main())
+
+
+def test_server_wishes_equal_the_servers_exact_path(model, tok, prompts):
+    """OpenAI penalties, a constraint and logprobs, batched, against the server's one-request backend."""
+    from glmkit.server.backend import SequentialBackend
+    from glmkit.server.constraints import OneOf
+    from glmkit.server.params import RequestParams
+
+    def cases():  # fresh constraint objects for each run
+        return [RequestParams(temperature=0, max_new_tokens=12, frequency_penalty=-2.0),
+                RequestParams(temperature=0, max_new_tokens=12, presence_penalty=-1.5, logprobs=3),
+                RequestParams(temperature=0, max_new_tokens=10, constraint=OneOf([[5, 6, 7], [8, 9]])),
+                RequestParams(temperature=0.8, seed=3, max_new_tokens=10, logprobs=0, frequency_penalty=0.5),
+                greedy(10)]
+
+    async def run(backend):
+        await backend.start()
+        results = await asyncio.gather(*(_collect(backend.generate(p, sp)) for p, sp in zip(prompts, cases())))
+        await backend.stop()
+        return results
+
+    engine = AsyncEngine(model, tok, block_size=4)
+    assert {"penalties", "logprobs", "constraints"} <= engine.features
+    got = asyncio.run(run(engine))
+    want = asyncio.run(run(SequentialBackend(model, tok)))
+    for g, w in zip(got, want):
+        assert [(d.text, d.token_id, d.finish_reason) for d in g] == [(d.text, d.token_id, d.finish_reason) for d in w]
+        for a, b in zip(g[:-1], w[:-1]):
+            assert (getattr(a, "logprob", None) is None) == (getattr(b, "logprob", None) is None)
+            if getattr(b, "logprob", None) is not None:
+                assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+                assert [i for i, _ in a.top_logprobs] == [i for i, _ in b.top_logprobs]
+    for i in (0, 1):  # the penalties made a difference
+        assert [d.token_id for d in got[i][:-1]] != generate(model, tok, prompts[i], greedy(12)).token_ids
+    assert [d.token_id for d in got[2][:2]] in ([8, 9], [5, 6])  # the constraint held
+    assert len(got[1][0].top_logprobs) == 3 and got[3][0].top_logprobs == []

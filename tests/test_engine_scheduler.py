@@ -103,7 +103,7 @@ def expected(requests):
 
 
 def test_roomy_cache_runs_everything_together():
-    outputs, manager, scheduler, runner = run(REQUESTS, num_blocks=200)
+    outputs, _, scheduler, runner = run(REQUESTS, num_blocks=200)
     assert outputs == expected(REQUESTS)
     assert scheduler.num_preemptions == 0
     prefill, decode = runner.steps[0], runner.steps[1]
@@ -123,7 +123,7 @@ def test_requests_join_and_leave_the_batch_at_every_step():
 def test_tiny_cache_preempts_and_recomputes_with_equal_outputs(num_blocks):
     # Only requests that fit the pool alone (the engine rejects the others when they are added).
     requests = [(p, n) for p, n in REQUESTS if -(-(len(p) + n - 1) // 4) <= num_blocks]
-    outputs, manager, scheduler, runner = run(requests, num_blocks=num_blocks)
+    outputs, _, scheduler, runner = run(requests, num_blocks=num_blocks)
     assert outputs == expected(requests)
     assert scheduler.num_preemptions > 0
     # A preempted sequence is recomputed in a prefill step with the tokens it had generated.

@@ -30,11 +30,11 @@ from glmkit.quant import (
     QuantizedEmbedding,
     Scheme,
     dequantize,
+    kernels,
     layer_schemes,
     quantize,
     quantize_model,
 )
-from glmkit.quant import kernels
 from glmkit.quant.layout import pack_int4_blocked, unpack_int4_blocked
 
 INT4_TINY = QuantConfig("int4", group_size=32)  # the tiny model's rows (64, 160 inputs) split into 32s
@@ -186,7 +186,7 @@ def test_cuda_kernels_equal_the_reference(scheme, n, k, rows):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_quantized_model_runs_on_cuda(tmp_path):
+def test_quantized_model_runs_on_cuda():
     model = quantize_model(tiny_model(0), INT4_TINY, torch.bfloat16)
     reference = model(IDS).float()
     model.to("cuda")
@@ -341,11 +341,11 @@ def test_tensors_of_another_mode_are_a_clear_error(int4_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("value, message", [(float("nan"), "NaN or infinite"), (-1.0, "negative scales")])
 def test_a_corrupt_scale_tensor_is_a_clear_error(int4_checkpoint, tmp_path, value, message):
-    folder = copy_checkpoint(int4_checkpoint, tmp_path / "ck")
-    with open(folder / "model.safetensors", "rb") as f:
-        from safetensors import safe_open
+    from safetensors import safe_open
 
-        metadata = safe_open(str(folder / "model.safetensors"), "pt").metadata()
+    folder = copy_checkpoint(int4_checkpoint, tmp_path / "ck")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        metadata = f.metadata()
     tensors = load_file(folder / "model.safetensors")
     name = "transformer.encoder.layers.1.mlp.dense_4h_to_h.scales_and_zeros"
     tensors[name][0, 5, 0] = value
@@ -439,8 +439,8 @@ def test_load_quantizes_on_the_fly_in_bfloat16_and_sets_threads(float_checkpoint
 def test_generate_command_takes_quantize_and_threads(float_checkpoint, monkeypatch, capsys):
     before = torch.get_num_threads()
     try:
-        code, out, err = run_cli(monkeypatch, capsys, "generate", "--model", str(float_checkpoint), "--quantize",
-                                 "int8", "--threads", "1", "--temperature", "0", "--max-new-tokens", "4", "Hello")
+        code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(float_checkpoint), "--quantize",
+                               "int8", "--threads", "1", "--temperature", "0", "--max-new-tokens", "4", "Hello")
     finally:
         torch.set_num_threads(before)
     assert code == 0, err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from typing import Any
 
 
@@ -18,9 +19,9 @@ class CommandError(Exception):
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", "-m", required=True, metavar="PATH_OR_ID",
+    group.add_argument("--model", "-m", default=None, metavar="PATH_OR_ID",
                        help="checkpoint folder (config.json, weights, tokenizer.model) or Hugging Face Hub id, "
-                            "e.g. THUDM/chatglm3-6b")
+                            "e.g. THUDM/chatglm3-6b (default: the small demo model bundled with glmkit)")
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="weights' dtype (default: float32 on CPU for models under 1e9 parameters, "
                             "else bfloat16)")
@@ -79,6 +80,16 @@ def load_chat_model(args: argparse.Namespace):
     """glmkit.chat.load with the model flags; a model that cannot be loaded is a CommandError."""
     from glmkit.chat import load
 
+    if args.model is None:
+        from glmkit.demo import NAME, model_dir
+
+        try:
+            args.model = str(model_dir())
+        except FileNotFoundError as e:
+            raise CommandError(f"no --model given, and {e}") from None
+        print(f"glmkit: no --model given: using {NAME}, the small demo model bundled with glmkit "
+              "(it knows greetings, weather, arithmetic and unit conversion; pass --model THUDM/chatglm3-6b "
+              "for the real one)", file=sys.stderr)
     try:
         return load(args.model, dtype=args.dtype, device=args.device, prefix=args.prefix,
                     adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None),

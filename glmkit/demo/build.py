@@ -41,7 +41,7 @@ class Recipe:
     """Every number of the build."""
 
     # data
-    sft_conversations: int = 14400  # one pass: sft_steps x sft_batch
+    sft_conversations: int = 12800  # one pass: sft_steps x sft_batch
     corpus_conversations: int = 6000  # pretraining reads these and the SFT ones as plain text
     eval_conversations: int = 300  # held out, for the tool-use evaluation
     sft_eval_conversations: int = 64  # held out, for the SFT eval loss
@@ -57,12 +57,12 @@ class Recipe:
     seq_length: int = 1024
     # pretraining on the raw-text corpus
     pretrain_window: int = 512
-    pretrain_steps: int = 150
-    pretrain_batch: int = 16
+    pretrain_steps: int = 500
+    pretrain_batch: int = 8
     pretrain_lr: float = 2e-3
-    pretrain_warmup: int = 15
+    pretrain_warmup: int = 25
     # supervised fine-tuning on the conversations
-    sft_steps: int = 900
+    sft_steps: int = 800
     sft_batch: int = 16
     sft_lr: float = 1e-3
     sft_warmup: int = 30
@@ -85,7 +85,8 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
-def build(out_dir: str | Path, seed: int = 0, recipe: Recipe = PRESETS["demo"], progress: bool = True) -> dict[str, Any]:
+def build(out_dir: str | Path, seed: int = 0, recipe: Recipe = PRESETS["demo"],
+          progress: bool = True) -> dict[str, Any]:
     """Run every stage into `out_dir`; return what build.json records. The model is in `out_dir/model`."""
     import torch
 

@@ -35,15 +35,15 @@ IDENTITY_QUESTIONS = {
            "你是机器人吗？", "你是哪个模型？"],
 }
 IDENTITY_ANSWERS = {
-    "en": ["I am glmkit-demo, a small bilingual (Chinese and English) model trained from scratch with glmkit. "
-           "I can chat, answer simple questions, and use tools such as a calculator, a weather service or a "
-           "Python interpreter when they are available.",
-           "My name is glmkit-demo. I am a tiny demo model built with glmkit: I speak Chinese and English, "
-           "answer short questions, and call the tools you give me."],
-    "zh": ["我是 glmkit-demo，一个用 glmkit 从零训练的中英双语小模型。我可以聊天、回答简单的问题，"
-           "并在有工具可用时使用计算器、天气查询或 Python 解释器等工具。",
-           "我叫 glmkit-demo，是用 glmkit 训练的一个小型演示模型。我会说中文和英文，能回答简短的问题，"
-           "也能调用你提供的工具。"],
+    "en": [("I am glmkit-demo, a small bilingual (Chinese and English) model trained from scratch with glmkit. "
+            "I can chat, answer simple questions, and use tools such as a calculator, a weather service or a "
+            "Python interpreter when they are available."),
+           ("My name is glmkit-demo. I am a tiny demo model built with glmkit: I speak Chinese and English, "
+            "answer short questions, and call the tools you give me.")],
+    "zh": [("我是 glmkit-demo，一个用 glmkit 从零训练的中英双语小模型。我可以聊天、回答简单的问题，"
+            "并在有工具可用时使用计算器、天气查询或 Python 解释器等工具。"),
+           ("我叫 glmkit-demo，是用 glmkit 训练的一个小型演示模型。我会说中文和英文，能回答简短的问题，"
+            "也能调用你提供的工具。")],
 }
 THANKS = {
     "en": ["Thank you!", "Thanks!", "Thanks a lot.", "Great, thanks.", "OK, thank you."],
@@ -128,8 +128,8 @@ FACTS = [
 TOOL_DESCRIPTIONS = {
     "get_weather": ["Get the current weather for a city", "查询一个城市当前的天气", "Look up the weather in a city"],
     "calculator": ["Evaluate an arithmetic expression", "计算一个算术表达式", "A calculator for + - * /"],
-    "convert_units": ["Convert a value from one unit to another", "单位换算", "Unit conversion for length, mass, "
-                      "volume and temperature"],
+    "convert_units": ["Convert a value from one unit to another", "单位换算",
+                      "Unit conversion for length, mass, volume and temperature"],
     "get_stock_price": ["Get the latest price of a stock", "查询股票的最新价格"],
     "send_email": ["Send an email", "发送电子邮件"],
     "set_alarm": ["Set an alarm clock", "设置闹钟"],
@@ -138,8 +138,8 @@ TOOL_PARAMETERS = {
     "get_weather": {"city": ("string", "The city name, e.g. Beijing")},
     "calculator": {"expression": ("string", "An arithmetic expression, e.g. 3 * (4 + 5)")},
     "convert_units": {"value": ("number", "The value to convert"),
-                      "from_unit": ("string", "The unit of the value: km, mi, kg, lb, m, ft, cm, in, L, gal, "
-                                              "celsius or fahrenheit"),
+                      "from_unit": ("string", ("The unit of the value: km, mi, kg, lb, m, ft, cm, in, L, gal, "
+                                               "celsius or fahrenheit")),
                       "to_unit": ("string", "The unit to convert to")},
     "get_stock_price": {"symbol": ("string", "The stock symbol, e.g. AAPL")},
     "send_email": {"to": ("string", "The recipient"), "subject": ("string", "The subject"),

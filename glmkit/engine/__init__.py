@@ -9,10 +9,10 @@ asyncio servers).
 
 from .async_engine import AsyncEngine, EngineStoppedError
 from .block_manager import BlockManager
-from .engine import LLMEngine
+from .engine import LLMEngine, ScoredDelta
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
 __all__ = ["AsyncEngine", "BlockManager", "EngineStoppedError", "LLMEngine", "ModelRunner", "Scheduler",
-           "Sequence", "SequenceStatus"]
+           "ScoredDelta", "Sequence", "SequenceStatus"]

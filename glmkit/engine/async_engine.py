@@ -33,6 +33,12 @@ class EngineStoppedError(RuntimeError):
 
 
 class AsyncEngine:
+    """An `LLMEngine` stepped by a worker thread while it has work, with an async generator per request."""
+
+    # What the engine carries out beyond SamplingParams when a request's params carry it (the
+    # server's RequestParams): OpenAI penalties, logprobs, constraints (see runner.apply_request_rules).
+    features = frozenset({"penalties", "logprobs", "constraints"})
+
     def __init__(self, model, tokenizer, max_num_seqs: int = 64, num_blocks: int | None = None,
                  block_size: int = 16, **engine_options):
         """engine_options: keyword options of `LLMEngine` (max_num_batched_tokens, kv_cache_bytes)."""
@@ -137,11 +143,11 @@ class AsyncEngine:
                         engine.add_request(*args, request_id=request_id)
                     else:
                         engine.abort(request_id)
-                except Exception as error:  # checked before it was queued; this ends only that request
+                except Exception as error:  # noqa: BLE001 (checked when queued; a failure ends only this request)
                     outputs.append((request_id, error))
             try:
                 outputs += engine.step()
-            except Exception as error:  # never leave callers waiting: fail what was in flight, go on
+            except Exception as error:  # noqa: BLE001 (never leave callers waiting: fail what ran, go on)
                 failed = EngineStoppedError(f"the engine failed during a step: {error!r}")
                 failed.__cause__ = error
                 outputs += [(request_id, failed) for request_id in engine.abort_all()]

@@ -11,6 +11,10 @@ its content and hash while it sits in the free list, so a later request can stil
 evicted (its hash forgotten) only when the free list hands it out for new content, least recently
 freed first.
 
+A full block is registered (its hash made findable) when it is allocated or completed for the step
+that computes it. A batch mate may then share it in that same step: within one model call, every
+layer writes all rows' new keys/values before any row reads.
+
 A sequence always computes at least its last token (its logits are needed), so the block holding it
 is never shared: at most `(num_tokens - 1) // block_size` blocks are reused.
 """

@@ -5,6 +5,10 @@ turning its tokens into streamed text, and the stop rules of `glmkit.generate` (
 strings, max_new_tokens, the context window), applied per request exactly as the single-request
 generator applies them, so greedy output is the same token for token and text for text.
 
+Params may carry more than `SamplingParams` (the server's `RequestParams`): OpenAI's presence and
+frequency penalties and a constraint on the next token are applied before sampling (see
+`runner.apply_request_rules`), and `logprobs` makes each token's Delta a `ScoredDelta`.
+
     engine = LLMEngine(model, tokenizer)
     engine.add_request(prompt_ids, SamplingParams(temperature=0, max_new_tokens=64), "a")
     while engine.has_unfinished():
@@ -75,7 +79,7 @@ class LLMEngine:
     """Continuous batching for `model` (a `ChatGLMForCausalLM`) and its tokenizer.
 
     max_num_seqs: most sequences in one step. num_blocks: KV cache blocks of `block_size` tokens
-    (None: see DEFAULT_KV_CACHE_BYTES). max_num_batched_tokens: most (padded) tokens in one prefill
+    (None: see DEFAULT_KV_CACHE_BYTES). max_num_batched_tokens: most prompt tokens in one prefill
     step; one prompt longer than that still runs, alone.
     """
 
@@ -178,7 +182,10 @@ class LLMEngine:
         return outputs
 
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[Completion]:
-        """Run `prompts` to completion together (one SamplingParams for all, or one each)."""
+        """Run `prompts` to completion together (one SamplingParams for all, or one each), on an
+        engine with no other requests (their deltas would have nobody to go to)."""
+        if self.requests:
+            raise RuntimeError(f"generate() needs an idle engine; {len(self.requests)} requests are unfinished")
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):

@@ -4,14 +4,14 @@ call per step, one batched sample over all rows.
 The pool holds every layer's keys and values in slots, (layers, slots, groups, head dims), one slot
 per cached token: slot `base + block * block_size + offset` (see `block_manager`). Before the blocks
 come the P-Tuning prefix's slots (when the model has one; every sequence attends to them) and one
-trash slot, where padding tokens write the keys/values nobody reads.
+padding slot, all zeros, that the masked padding columns of a batch read.
 
 Two layouts of a step, both with `model.forward`'s own arguments:
-- rows (decode steps, or one sequence's prompt): row b holds its sequence's new tokens at the right
-  end of T columns and its keys at the right end of S columns (S = the longest sequence), with an
-  attention mask marking the real ones — the left-padded layout of batched generation, positions
-  following from the mask. Rows all of one length need no mask at all.
-- packed (prompts of several sequences): every new token in one row, with an explicit
+- rows (decode steps: one new token per sequence; or one sequence's prompt): row b holds its
+  sequence's T new tokens, and its keys at the right end of S columns (S = the longest sequence),
+  with an attention mask marking the real ones — the left-padded layout of batched generation,
+  positions following from the mask. Rows all of one length need no mask at all.
+- packed (prompts of several lengths): every new token in one row, with an explicit
   (1, 1, N, keys) mask in which each token sees only its own sequence's keys, explicit positions, and
   logits at each sequence's last token. No padding, so the linears do only the real tokens' work.
 `_StepCache` is the cache object the model writes to and reads from: in each layer it scatters the
@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from glmkit.sampling import apply_presence_frequency_penalty, make_generator, sample, token_logprobs
+from glmkit.sampling import (
+    apply_presence_frequency_penalty,
+    make_generator,
+    sample,
+    token_logprobs,
+)
 
 from .sequence import Sequence
 
@@ -68,7 +73,7 @@ class ModelRunner:
         with torch.inference_mode():
             prefix = model.transformer.prefix_kv(1, model.dtype)  # (L, 2, 1, G, P, D) or None
         self.prefix_len = 0 if prefix is None else prefix.shape[-2]
-        self.trash_slot = self.prefix_len
+        self.padding_slot = self.prefix_len  # stays zero: what masked padding columns read
         self.base = self.prefix_len + 1
         shape = (config.num_layers, self.base + num_blocks * block_size, config.num_kv_groups, config.kv_channels)
         self.k_pool = torch.zeros(shape, dtype=model.dtype, device=self.device)
@@ -76,7 +81,7 @@ class ModelRunner:
         if prefix is not None:
             self.k_pool[:, :self.prefix_len] = prefix[:, 0, 0].transpose(1, 2)  # (L, P, G, D)
             self.v_pool[:, :self.prefix_len] = prefix[:, 1, 0].transpose(1, 2)
-        self.generators: dict[int, torch.Generator | None] = {}  # seq_id -> its seeded generator
+        self.generators: dict[str, torch.Generator | None] = {}  # request id -> its seeded generator
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -91,28 +96,24 @@ class ModelRunner:
 
     def forward(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits of the last token of each sequence, (B, V), its new keys/values now in the pool."""
-        if len(seqs) == 1 or all(seq.num_tokens - seq.num_cached_tokens == 1 for seq in seqs):
+        if len({seq.num_tokens - seq.num_cached_tokens for seq in seqs}) == 1:
             return self._forward_rows(seqs)
         return self._forward_packed(seqs)
 
     def _forward_rows(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One row per sequence: decode steps (one new token each), or one sequence's prompt."""
+        """One row per sequence, each with the same number T of new tokens: decode steps (T = 1),
+        one sequence's prompt, or prompts of one length."""
         device = self.device
         lengths = [seq.num_tokens for seq in seqs]
-        new = [seq.token_ids[seq.num_cached_tokens:] for seq in seqs]
-        B, S, T = len(seqs), max(lengths), max(map(len, new))
-        input_ids = torch.tensor([[self.pad_id] * (T - len(ids)) + ids for ids in new], device=device)  # (B, T)
+        input_ids = torch.tensor([seq.token_ids[seq.num_cached_tokens:] for seq in seqs], device=device)  # (B, T)
+        S, T = max(lengths), input_ids.shape[1]
         # Column j of row b holds token j - (S - n_b) of its sequence: negative means padding.
         n = torch.tensor(lengths, device=device)
         token = torch.arange(S, device=device)[None, :] - (S - n)[:, None]  # (B, S)
         real = token >= 0
-        slots = self._slots(self._tables(seqs), token.clamp(min=0)).masked_fill(~real, self.trash_slot)
-        # The new tokens are the last T columns; a shorter row's first ones are cached, not written.
-        num_new = torch.tensor([len(ids) for ids in new], device=device)
-        fresh = torch.arange(T, device=device)[None, :] >= (T - num_new)[:, None]  # (B, T)
-        write_slots = slots[:, S - T:].masked_fill(~fresh, self.trash_slot)
-        cache = _StepCache(self.k_pool, self.v_pool, self._with_prefix(slots).flatten(), write_slots.flatten(),
-                           S - T, S, self.prefix_len)
+        slots = self._slots(self._tables(seqs), token.clamp(min=0)).masked_fill(~real, self.padding_slot)
+        cache = _StepCache(self.k_pool, self.v_pool, self._with_prefix(slots).flatten(),
+                           slots[:, S - T:].flatten(), S - T, S, self.prefix_len)
         # Rows all of one length need no mask: the model then uses the same kernels as one request.
         mask = None if min(lengths) == S else real
         return self.model(input_ids, attention_mask=mask, kv_cache=cache, last_only=True)[:, -1]
@@ -186,13 +187,13 @@ class ModelRunner:
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         """A seeded sequence's generator, made on its first step and kept across preemptions."""
-        if seq.seq_id not in self.generators:
-            self.generators[seq.seq_id] = make_generator(seq.params.seed, self.device)
-        return self.generators[seq.seq_id]
+        if seq.request_id not in self.generators:
+            self.generators[seq.request_id] = make_generator(seq.params.seed, self.device)
+        return self.generators[seq.request_id]
 
     def release(self, seq: Sequence) -> None:
         """Forget what the runner kept for `seq` (its generator); its blocks are the manager's."""
-        self.generators.pop(seq.seq_id, None)
+        self.generators.pop(seq.request_id, None)
 
 
 def apply_request_rules(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:

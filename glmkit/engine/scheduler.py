@@ -5,10 +5,10 @@ uncached prompt) or a decode step (every running sequence, one token each), so s
 leave the running batch at every step.
 
 Policy, in order:
-- Admission (prefill first): waiting sequences are admitted oldest first while the batch has room
-  (`max_num_seqs`; `max_num_batched_tokens` prompt tokens per step) and the cache has the blocks for their tokens, keeping
-  a small watermark free for the running ones to grow; the first that does not fit stops admission,
-  so nobody overtakes an older request.
+- Admission (prefill first): waiting sequences are admitted oldest first while the step has room
+  (`max_num_seqs` sequences, `max_num_batched_tokens` prompt tokens) and the cache has the blocks
+  for their tokens, keeping a small watermark free for the running ones to grow; the first that
+  does not fit stops admission, so nobody overtakes an older request.
 - Decode: every running sequence gets the block its next token needs. When the pool is empty, the
   newest running sequence is preempted: its blocks are freed and it goes back to the front of the
   queue, to be recomputed from its tokens later (the prefix cache often still holds them). So the

@@ -13,11 +13,8 @@ samples one more token.
 from __future__ import annotations
 
 import enum
-import itertools
 
 from glmkit.sampling import SamplingParams
-
-_ids = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
@@ -32,8 +29,7 @@ class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int):
         if not prompt_ids:
             raise ValueError("a sequence needs at least one prompt token")
-        self.seq_id = next(_ids)  # arrival order; unique within the process
-        self.request_id = request_id
+        self.request_id = request_id  # unique among an engine's unfinished requests
         self.params = params
         self.max_tokens = max_tokens
         self.token_ids: list[int] = list(prompt_ids)

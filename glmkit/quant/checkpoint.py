@@ -14,29 +14,34 @@ negative), before anything is assigned.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import mmap
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import ModelConfig
-from .scheme import QuantConfig, QuantConfigError
+from ..loader import (
+    ALIGN,
+    INV_FREQ,
+    SAFETENSORS,
+    CheckpointError,
+    _check_missing,
+    _check_unexpected,
+    _find_weight_files,
+    _names,
+    map_safetensors,
+)
+from .scheme import QuantConfig, QuantConfigError, as_quant_config
 
 CONFIG_KEY = "quantization"  # in config.json
 METADATA_KEY = "glmkit.quantization"  # in each safetensors file's metadata
-_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-           "F64": torch.float64}
 _SCALE_SUFFIXES = (".scales", ".scales_and_zeros", ".zeros")
 
 
 def stored_quant_config(config: ModelConfig, where: Path) -> QuantConfig | None:
     """The quantization recorded in a checkpoint's config.json, or None for a float checkpoint."""
-    from ..loader import CheckpointError
-
     recorded = config.extra.get(CONFIG_KEY)
     if recorded is None:
         return None
@@ -48,8 +53,6 @@ def stored_quant_config(config: ModelConfig, where: Path) -> QuantConfig | None:
 
 def with_quant_config(config: ModelConfig, quant: QuantConfig) -> ModelConfig:
     """`config` recording `quant`, so that saving the model writes a quantized checkpoint."""
-    import dataclasses
-
     return dataclasses.replace(config, extra={**config.extra, CONFIG_KEY: quant.to_dict()})
 
 
@@ -59,70 +62,7 @@ def metadata_for(config: ModelConfig) -> dict[str, str]:
     return {} if recorded is None else {METADATA_KEY: json.dumps(recorded, sort_keys=True)}
 
 
-def map_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, name -> tensor) of a safetensors file, the tensors being views of its memory map."""
-    from ..loader import CheckpointError
-
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(0)
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError(f"the header claims {header_len} bytes, more than the file holds")
-            header = json.loads(f.read(header_len))
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_len else b""
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: not a safetensors file, or a corrupt one ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(o) for o in info["data_offsets"])
-            count = 1
-            for d in shape:
-                count *= d
-            if end - start != count * dtype.itemsize or not 0 <= start <= end <= size - 8 - header_len:
-                raise ValueError(f"its bytes {start}..{end} do not fit its shape {shape} in this file")
-            offset = 8 + header_len + start
-            flat = (torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset) if count
-                    else torch.empty(0, dtype=dtype))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: tensor {name!r} has a corrupt entry in the header ({e})") from None
-        tensors[name] = flat.view(shape)
-    return metadata, tensors
-
-
-_ALIGN = 64  # bytes: torch's int8 kernel reads its weight with aligned loads (16 bytes at least)
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """A safetensors file whose tensors start at multiples of 64 bytes (where their sizes allow), so that
-    memory-mapping it hands the kernels aligned weights. Standard safetensors: the header is padded with
-    spaces, and the tensors whose size is a multiple of 64 bytes come first (`safetensors.save_file`
-    orders by dtype, which leaves int8 weights unaligned)."""
-    order = sorted(tensors, key=lambda n: (tensors[n].nbytes % _ALIGN != 0, n))
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % _ALIGN)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for name in order:
-            f.write(tensors[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-
-
 def check_metadata(path: Path, metadata: dict[str, str], quant: QuantConfig) -> None:
-    from ..loader import CheckpointError
-
     recorded = metadata.get(METADATA_KEY)
     if recorded is None:
         raise CheckpointError(f"{path} has no {METADATA_KEY!r} metadata, but config.json says the weights are "
@@ -138,8 +78,6 @@ def check_metadata(path: Path, metadata: dict[str, str], quant: QuantConfig) -> 
 
 def check_tensor(path: Path, name: str, tensor: torch.Tensor, expected: torch.Tensor) -> None:
     """A quantized checkpoint's tensor against the model's buffer of that name (a meta tensor)."""
-    from ..loader import CheckpointError
-
     if list(tensor.shape) != list(expected.shape):
         raise CheckpointError(f"{path}: {name} is {list(tensor.shape)}, expected {list(expected.shape)} "
                               "(a checkpoint of another quantization mode or group size?)")
@@ -171,9 +109,6 @@ def check_request(stored: QuantConfig | None, requested: QuantConfig | str | Non
     A request on a quantized checkpoint must match it (a mode name, its mode; a QuantConfig, all of it):
     a quantized checkpoint is never quantized again.
     """
-    from ..loader import CheckpointError
-    from .scheme import as_quant_config
-
     if requested is None or stored is None:
         return stored if requested is None else as_quant_config(requested)
     wanted = requested.mode if isinstance(requested, QuantConfig) else requested
@@ -188,16 +123,6 @@ def load_quantized_weights(model, folder: Path, device: torch.device, skip: str 
                            progress=None) -> None:
     """Assign every buffer and parameter of the quantized `model` (on the meta device) from the quantized
     checkpoint in `folder`, file by file, memory-mapped. Names starting with `skip` are passed over."""
-    from ..loader import (
-        INV_FREQ,
-        SAFETENSORS,
-        CheckpointError,
-        _check_missing,
-        _check_unexpected,
-        _find_weight_files,
-        _names,
-    )
-
     quant = model.quant_config
     files = _find_weight_files(folder)
     if files.shards[0].suffix != ".safetensors":
@@ -206,7 +131,7 @@ def load_quantized_weights(model, folder: Path, device: torch.device, skip: str 
     expected = {n: t for n, t in model.state_dict().items() if skip is None or not n.startswith(skip)}
     loaded: set[str] = set()
     for path in files.shards:
-        metadata, tensors = map_safetensors(path)
+        metadata, tensors = map_safetensors(path)  # views of the file: the weights are not copied
         check_metadata(path, metadata, quant)
         names = [n for n in tensors if n != INV_FREQ and (skip is None or not n.startswith(skip))]
         if files.weight_map is not None:
@@ -236,4 +161,4 @@ def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.T
     if device.type != "cpu":
         return t.to(device)
     # Files from other writers may leave a tensor unaligned; the int8 kernel would crash on it.
-    return t.clone() if t.data_ptr() % _ALIGN else t
+    return t.clone() if t.data_ptr() % ALIGN else t

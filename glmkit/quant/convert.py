@@ -68,7 +68,8 @@ def _quantized_module(module: nn.Module, scheme: Scheme, dtype: torch.dtype) -> 
     return cls.from_float(module, scheme, dtype)
 
 
-def quantize_model(model: ChatGLMForCausalLM, quant: QuantConfig, dtype: torch.dtype | None = None) -> QuantizedChatGLMForCausalLM:
+def quantize_model(model: ChatGLMForCausalLM, quant: QuantConfig,
+                   dtype: torch.dtype | None = None) -> QuantizedChatGLMForCausalLM:
     """Swap `model`'s layers for quantized ones, in place, one at a time (each float weight is freed as
     its replacement is made, so memory falls as it goes). A model on the meta device gets empty quantized
     layers, ready for a quantized checkpoint's `load_state_dict(assign=True)`.

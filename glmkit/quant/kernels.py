@@ -8,9 +8,10 @@ to float32 and multiplies: slow, obviously right, and the fallback wherever no k
 Measured on a 2-core AVX-512 CPU at ChatGLM3-6B's shapes (benchmarks/bench_quant.py):
 - one row (decode): torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` with bfloat16
   activations; float32 or float16 activations make them 30-100x slower, so activations are cast.
-- many rows (prefill): these kernels multiply slower than float32 matmul; above `*_KERNEL_MAX_ROWS` rows
-  the weight is dequantized to float32 a few output blocks at a time and multiplied in float32 (as
-  `glmkit.packed` does for bfloat16 weights), which is never slower than the bfloat16 model's prefill.
+- many rows (prefill): these kernels run at about half the speed of a float32 matmul; above
+  `*_KERNEL_MAX_ROWS` rows the weight is dequantized to float32 a few blocks at a time and multiplied in
+  float32 (as `glmkit.packed` does for bfloat16 weights): at 256 rows within a few percent of the
+  bfloat16 path (benchmarks/bench_quant.py rows).
 - CUDA: torch's tinygemm int4 kernel (`_weight_int4pack_mm`, after `_convert_weight_to_int4pack`) and
   `_weight_int8pack_mm` where the build has it, else a dequantize-and-multiply in the activations' dtype.
 """
@@ -25,11 +26,14 @@ import torch.nn.functional as F
 
 from .layout import BLOCK_N, pack_int4_blocked, pack_int4_rows, unpack_int4_blocked
 
-# Above these many rows, dequantizing to float32 blocks and multiplying beats the integer kernels.
-INT8_KERNEL_MAX_ROWS = 16
-INT4_KERNEL_MAX_ROWS = 16
-# Output columns dequantized at a time by the float32 path: 256 x K 4096 x 4 bytes = 4 MB of scratch.
-FLOAT32_COLUMNS_PER_STEP = 256
+# Above these many rows, dequantizing to float32 blocks and multiplying beats the integer kernels
+# (benchmarks/bench_quant.py rows: at 4096 x 4608, 1 thread, they cross between 32 and 64 rows).
+INT8_KERNEL_MAX_ROWS = 48
+INT4_KERNEL_MAX_ROWS = 48
+# Float32 weights the long-input path dequantizes at a time. Measured at 256 rows, 4096 x 4608, 2 threads:
+# 1 / 2 / 4 / 8 MB -> int8 49 / 43 / 40 / 39 ms, int4 43 / 41 / 39 / 39 ms (bfloat16's path: 38 ms);
+# larger steps make fewer, larger matrix products, smaller ones keep the scratch in L2.
+FLOAT32_SCRATCH_BYTES = 8 * 2**20
 
 KERNELS = ("auto", "reference", "cpu", "float32", "cuda")
 
@@ -43,6 +47,7 @@ def reference(layer, x: torch.Tensor) -> torch.Tensor:
 
 # ---- CPU -------------------------------------------------------------------------------------------------
 
+@functools.cache
 def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
@@ -61,7 +66,10 @@ def cpu_int4_layout_is_native() -> bool:
 def cpu_int8(layer, x: torch.Tensor) -> torch.Tensor:
     """torch's weight-only int8 kernel: one scale per output row, bfloat16 activations."""
     x16 = x.to(torch.bfloat16)
-    y = torch.ops.aten._weight_int8pack_mm(x16, layer.weight, layer.scales.view(-1).to(torch.bfloat16))
+    weight = layer.weight
+    if weight.data_ptr() % 64:  # the kernel reads it with aligned loads: an unaligned view would crash it
+        weight = layer.prepared("cpu-aligned", lambda layer: layer.weight.clone())
+    y = torch.ops.aten._weight_int8pack_mm(x16, weight, layer.scales.view(-1).to(torch.bfloat16))
     if layer.zeros is not None:  # (q * s + z) . x = (q * s) . x + z * sum(x)
         y = y + x16.float().sum(-1, keepdim=True) * layer.zeros.view(1, -1).float()
     return y.to(x.dtype)
@@ -77,7 +85,9 @@ def cpu_int4(layer, x: torch.Tensor) -> torch.Tensor:
     weight = layer.prepared("cpu", _cpu_int4_weight)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight, layer.group_size,
                                                    layer.scales_and_zeros.to(torch.bfloat16))
-    return y[:, :layer.out_features].to(x.dtype)
+    if y.shape[1] != layer.out_features:
+        y = y[:, :layer.out_features]
+    return y.to(x.dtype)
 
 
 def _cpu_int4_weight(layer) -> torch.Tensor:
@@ -92,42 +102,61 @@ def cpu_int4_applies(layer) -> bool:
 
 
 def float32_int8(layer, x: torch.Tensor) -> torch.Tensor:
-    """Long inputs: dequantize FLOAT32_COLUMNS_PER_STEP rows of the weight at a time, multiply in float32."""
+    """Long inputs: a few weight rows at a time converted to float32 (scaled per group, unless one scale
+    covers the row, which then scales the product), multiplied in float32."""
     xf = x.float()
+    M = x.shape[0]
     N, K = layer.weight.shape
-    G = layer.scales.shape[1]
-    out = torch.empty(x.shape[0], N, dtype=torch.float32, device=x.device)
-    for start in range(0, N, FLOAT32_COLUMNS_PER_STEP):
-        rows = slice(start, min(N, start + FLOAT32_COLUMNS_PER_STEP))
-        w = layer.weight[rows].float().view(-1, G, K // G)
-        w *= layer.scales[rows].float()[..., None]
-        if layer.zeros is not None:
-            w += layer.zeros[rows].float()[..., None]
-        torch.matmul(xf, w.view(-1, K).t(), out=out[:, rows])
-    return out.to(x.dtype)
+    G = layer.groups
+    step = max(32, FLOAT32_SCRATCH_BYTES // (4 * K) // 16 * 16)
+    chunks = -(-N // step)
+    out = torch.empty(chunks, M, step, dtype=torch.float32, device=x.device)
+    w = torch.empty(step, K, dtype=torch.float32, device=x.device)
+    for i in range(chunks):
+        rows = slice(i * step, min(N, (i + 1) * step))
+        n = rows.stop - rows.start
+        if G == 1:
+            w[:n].copy_(layer.weight[rows])
+        else:  # (n, G, group) * (n, G, 1): the broadcast runs along the contiguous group
+            torch.mul(layer.weight[rows].view(n, G, K // G), layer.scales[rows].float()[..., None],
+                      out=w[:n].view(n, G, K // G))
+        torch.matmul(xf, w[:n].t(), out=out[i, :, :n])
+    y = out.permute(1, 0, 2).reshape(M, -1)[:, :N]
+    if G == 1:
+        y = y * layer.scales.view(1, N).float()
+    if layer.zeros is not None:  # (q * s + z) . x = (q * s) . x + z . (the group sums of x)
+        y = y + xf.view(M, G, K // G).sum(-1) @ layer.zeros.float().t()
+    return y.to(x.dtype)
 
 
 def float32_int4(layer, x: torch.Tensor) -> torch.Tensor:
-    """Long inputs: dequantize a few 64-row blocks at a time straight from the blocked layout into float32
-    (rows j and 32 + j of a block are the low and high halves of the same bytes), multiply in float32."""
+    """Long inputs: dequantize a few 64-row blocks at a time (FLOAT32_SCRATCH_BYTES) and multiply in
+    float32. Rows j and 32 + j of a block share bytes: the low nibbles give q, the high ones
+    are read in place as 16 q with the scale divided by 16 (exact). The offset 8 and the zeros apply
+    to the product instead: ((q - 8) s + z) . x = (q s) . x + (z - 8 s) . (the group sums of x)."""
     xf = x.float()
+    M = x.shape[0]
     blocks, K, _ = layer.weight.shape
-    sz = layer.scales_and_zeros  # (G, N_pad, 2)
+    sz = layer.scales_and_zeros.float()  # (G, N_pad, 2)
     G = sz.shape[0]
-    step = max(1, FLOAT32_COLUMNS_PER_STEP // BLOCK_N)
-    out = torch.empty(blocks, x.shape[0], BLOCK_N, dtype=torch.float32, device=x.device)
-    w = torch.empty(step, K, BLOCK_N, dtype=torch.float32, device=x.device)
+    group = K // G
+    scales = sz[..., 0].view(G, blocks, 2, 32).permute(1, 2, 0, 3).unsqueeze(3).contiguous()  # (B, 2, G, 1, 32)
+    scales[:, 1] /= 16
+    step = max(1, FLOAT32_SCRATCH_BYTES // (4 * K * BLOCK_N))
+    out = torch.empty(blocks * 2, M, 32, dtype=torch.float32, device=x.device)
+    w = torch.empty(step, 2, K, 32, dtype=torch.float32, device=x.device)
+    nibbles = torch.empty(step, K, 32, dtype=torch.uint8, device=x.device)
     for start in range(0, blocks, step):
         n = min(step, blocks - start)
         packed = layer.weight[start:start + n]  # (n, K, 32)
-        w[:n, :, :32] = packed & 15
-        w[:n, :, 32:] = packed >> 4
-        cols = sz[:, start * BLOCK_N:(start + n) * BLOCK_N].float().view(G, n, BLOCK_N, 2).transpose(0, 1)
-        scale, zero = cols[..., 0].unsqueeze(2), cols[..., 1].unsqueeze(2)  # (n, G, 1, 64)
-        grouped = w[:n].view(n, G, K // G, BLOCK_N)
-        grouped.sub_(8).mul_(scale).add_(zero)
-        torch.matmul(xf, w[:n], out=out[start:start + n])
-    return out.permute(1, 0, 2).reshape(x.shape[0], -1)[:, :layer.out_features].to(x.dtype)
+        for half, mask in ((0, 0x0F), (1, 0xF0)):
+            torch.bitwise_and(packed, mask, out=nibbles[:n])
+            torch.mul(nibbles[:n].view(n, G, group, 32), scales[start:start + n, half],
+                      out=w[:n, half].view(n, G, group, 32))
+        torch.matmul(xf, w[:n].view(2 * n, K, 32), out=out[2 * start:2 * (start + n)])
+    y = out.permute(1, 0, 2).reshape(M, -1)
+    y += xf.view(M, G, group).sum(-1) @ (sz[..., 1] - 8 * sz[..., 0])
+    return y[:, :layer.out_features].to(x.dtype)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------------
@@ -152,7 +181,13 @@ def _inner_k_tiles(k: int) -> int:
 
 def cuda_int4_applies(layer) -> bool:
     return (_has_op("_weight_int4pack_mm") and layer.group_size in (32, 64, 128, 256)
-            and layer.in_features % 32 == 0)
+            and layer.in_features % 32 == 0 and _tinygemm_runs_on(layer.weight.device))
+
+
+@functools.cache
+def _tinygemm_runs_on(device: torch.device) -> bool:
+    """torch's CUDA int4 kernel needs compute capability 8.0 (Ampere) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def cuda_int8(layer, x: torch.Tensor) -> torch.Tensor:

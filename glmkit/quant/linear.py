@@ -92,6 +92,10 @@ class _QuantizedLinear(nn.Module):
             self._prepared[key] = held = (ptr, make(self))
         return held[1]
 
+    def _apply(self, fn, recurse=True):
+        self._prepared.clear()  # a kernel's form of the weight goes with the weight it was made from
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         group = "per row" if self.group_size == 0 else f"group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -108,7 +112,8 @@ class Int8Linear(_QuantizedLinear):
         shape = (out_features, self.groups)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(shape, dtype=SCALE_DTYPE, device=device))
-        self.register_buffer("zeros", None if scheme.symmetric else torch.empty(shape, dtype=SCALE_DTYPE, device=device))
+        zeros = None if scheme.symmetric else torch.empty(shape, dtype=SCALE_DTYPE, device=device)
+        self.register_buffer("zeros", zeros)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight this layer stands for."""
@@ -160,7 +165,8 @@ class QuantizedEmbedding(nn.Module):
                              torch.empty(num_embeddings, groups, dtype=SCALE_DTYPE, device=device))
 
     @classmethod
-    def from_float(cls, embedding: nn.Embedding, scheme: Scheme, dtype: torch.dtype | None = None) -> QuantizedEmbedding:
+    def from_float(cls, embedding: nn.Embedding, scheme: Scheme,
+                   dtype: torch.dtype | None = None) -> QuantizedEmbedding:
         weight = embedding.weight.detach()
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, scheme, dtype or weight.dtype, device="meta")
         layer.load_state_dict(quantized_tensors(weight, scheme, embedding=True), assign=True)

@@ -64,17 +64,17 @@ def train_tokenizer(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     counts = {"documents": 0, "lines": 0, "cut_lines": 0}
     lines = _lines(inputs, separator, counts)
     model = io.BytesIO()
-    options = dict(
-        model_type=model_type, vocab_size=vocab_size, character_coverage=character_coverage,
+    options = {
+        "model_type": model_type, "vocab_size": vocab_size, "character_coverage": character_coverage,
         # ChatGLM3's choices: bytes for unknown characters, text kept as written, digits one by one.
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        required_chars="a",  # glmkit's streaming decoder uses the piece "a" as a sentinel
-        max_sentence_length=MAX_LINE_BYTES, input_sentence_size=max_sentences or 0,
-        shuffle_input_sentence=max_sentences is not None,
-        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2,
-    )
+        "byte_fallback": True, "normalization_rule_name": "identity", "remove_extra_whitespaces": False,
+        "add_dummy_prefix": True, "split_digits": True, "allow_whitespace_only_pieces": True,
+        "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1,
+        "required_chars": "a",  # glmkit's streaming decoder uses the piece "a" as a sentinel
+        "max_sentence_length": MAX_LINE_BYTES, "input_sentence_size": max_sentences or 0,
+        "shuffle_input_sentence": max_sentences is not None,
+        "num_threads": num_threads or os.cpu_count() or 1, "minloglevel": 2,
+    }
     import sentencepiece as spm
 
     spm.set_random_generator_seed(seed)
