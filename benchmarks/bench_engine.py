@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,18 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from glmkit.config import ModelConfig
-
-
-def read_bandwidth(gib: float = 4.0, repeats: int = 3) -> float:
-    """Bytes per second of a streaming float32 read, best of `repeats`."""
-    x = torch.ones(int(gib * 2**30 / 4))
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
+from glmkit.commands.bench import peak_rss, read_bandwidth  # noqa: E402
+from glmkit.config import ModelConfig  # noqa: E402
 
 
 def write_checkpoint(config: ModelConfig, out: Path, num_shards: int = 7, seed: int = 0) -> None:
@@ -76,10 +65,6 @@ def write_checkpoint(config: ModelConfig, out: Path, num_shards: int = 7, seed: 
     (out / "pytorch_model.bin.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.save_json(out / "config.json")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def time_run(step, prompt: torch.Tensor, new_tokens: int) -> dict:
@@ -165,7 +150,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     config = ModelConfig.preset(args.shape)
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(4.0)
     t = time.perf_counter()
     write_checkpoint(config, Path(args.ckpt))
     print(f"checkpoint ready at {args.ckpt} ({time.perf_counter() - t:.0f} s)", flush=True)
