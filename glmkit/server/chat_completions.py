@@ -22,7 +22,7 @@ from glmkit.chat_format import render_messages
 from .constraints import JsonObject, OneOf
 from .errors import bad_request
 from .openai_tools import ChatPrompt, ReplyStream, as_legacy, chat_prompt, merge_deltas
-from .responses import DONE, event_stream, logprob_entry, new_id, sse, unless_disconnected, usage
+from .responses import DONE, collect_choices, event_stream, logprob_entry, new_id, sse, unless_disconnected, usage
 from .schemas import ChatCompletionRequest, parse_request
 from .service import Service
 
@@ -117,7 +117,7 @@ async def chat_completions(service: Service, body: Any, http: Request, arrived: 
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return event_stream(_stream(service, run, choices, head, len(prompt_ids), include_usage), release)
     try:
-        finished = await unless_disconnected(http, _collect(service, run, choices))
+        finished = await unless_disconnected(http, collect_choices(service, run, choices))
     finally:
         release()
     if finished is None:
@@ -139,13 +139,6 @@ def _check_json_mode(request: ChatCompletionRequest, prompt: ChatPrompt) -> None
     if request.ignore_eos:
         raise bad_request("response_format json_object ends the reply after the object; it cannot be combined "
                           "with ignore_eos", param="ignore_eos")
-
-
-async def _collect(service: Service, run, choices: list[_Choice]) -> bool:
-    async with aclosing(run()) as deltas:
-        async for index, delta in deltas:
-            choices[index].take(service, delta)
-    return True
 
 
 async def _stream(service: Service, run, choices: list[_Choice], head: dict[str, Any], prompt_tokens: int,

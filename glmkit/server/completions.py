@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .errors import bad_request
-from .responses import DONE, event_stream, new_id, sse, unless_disconnected, usage
+from .responses import DONE, collect_choices, event_stream, new_id, sse, unless_disconnected, usage
 from .schemas import CompletionRequest, parse_request
 from .service import Service
 
@@ -85,7 +85,7 @@ async def completions(service: Service, body: Any, http: Request, arrived: float
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return event_stream(_stream(service, run, choices, head, prompt_tokens, include_usage), release)
     try:
-        finished = await unless_disconnected(http, _collect(service, run, choices))
+        finished = await unless_disconnected(http, collect_choices(service, run, choices))
     finally:
         release()
     if finished is None:
@@ -116,13 +116,6 @@ def _prompts(service: Service, prompt: Any) -> list[tuple[list[int], str]]:
             raise bad_request(f"prompt holds token id {bad[0]}, outside the vocabulary [0, {tok.vocab_size})",
                               param="prompt")
     return [(list(ids), tok.decode(ids)) for ids in batches]
-
-
-async def _collect(service: Service, run, choices: list[_Choice]) -> bool:
-    async with aclosing(run()) as deltas:
-        async for index, delta in deltas:
-            choices[index].take(service, delta)
-    return True
 
 
 async def _stream(service: Service, run, choices: list[_Choice], head: dict[str, Any], prompt_tokens: int,

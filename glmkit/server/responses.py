@@ -10,6 +10,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -100,3 +101,11 @@ def logprob_entry(vocabulary, token_id: int, logprob: float, top: list[tuple[int
         return {"token": vocabulary.token_string(token), "logprob": value,
                 "bytes": list(vocabulary.token_bytes(token))}
     return {**one(token_id, logprob), "top_logprobs": [one(t, v) for t, v in top]}
+
+
+async def collect_choices(service, run, choices) -> bool:
+    """Feed every (choice index, delta) of `run()` to its choice's `take`; the stream is closed on exit."""
+    async with aclosing(run()) as deltas:
+        async for index, delta in deltas:
+            choices[index].take(service, delta)
+    return True
