@@ -23,6 +23,7 @@ COMMANDS = {
     "train-tokenizer": "glmkit.commands.train_tokenizer",
     "tokenize-corpus": "glmkit.commands.tokenize_corpus",
     "init-model": "glmkit.commands.init_model",
+    "pretrain": "glmkit.commands.pretrain",
     "quantize": "glmkit.commands.quantize",
     "bench": "glmkit.commands.bench",
 }

@@ -144,3 +144,38 @@ def test_command_reports_errors_in_one_line(tmp_path, capsys):
     assert cli(["train-tokenizer", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300",
                 "--out", str(tmp_path)]) == 2
     assert "nope.txt: no such corpus file" in capsys.readouterr().err
+
+
+def test_symbols_stay_one_piece_wherever_they_appear(corpus, tmp_path):
+    # A name in a sentence ("▁Shanghai") and after a quote ("Shanghai") is the same token, so a
+    # model copies it into a tool call with one lookup; a space inside a symbol is kept.
+    symbols = ["Shanghai", "上海", "New York"]
+    train_tokenizer([corpus], tmp_path, VOCAB, symbols=symbols)
+    tok = load_tokenizer(tmp_path)
+    ids = {name: tok._sp.piece_to_id(name.replace(" ", "\u2581")) for name in symbols}
+    assert all(i != tok._sp.unk_id() for i in ids.values())
+    for text, name in [("It is 7°C in Shanghai.", "Shanghai"), ("tool_call(city='Shanghai')", "Shanghai"),
+                       ("去上海看看", "上海"), ("weather in New York?", "New York"),
+                       ('{"city": "New York"}', "New York")]:
+        encoded = tok.encode(text)
+        assert ids[name] in encoded, text
+        assert tok.decode(encoded) == text
+
+
+def test_bad_symbols_are_named(corpus, tmp_path):
+    with pytest.raises(ValueError, match="list of words"):
+        train_tokenizer([corpus], tmp_path, VOCAB, symbols="Shanghai")
+    with pytest.raises(ValueError, match="' Shanghai'"):
+        train_tokenizer([corpus], tmp_path, VOCAB, symbols=[" Shanghai"])
+    with pytest.raises(ValueError, match="non-empty"):
+        train_tokenizer([corpus], tmp_path, VOCAB, symbols=[""])
+
+
+def test_command_reads_symbols_from_a_file(corpus, tmp_path):
+    symbols = tmp_path / "symbols.txt"
+    symbols.write_text("Shanghai\n\n上海\n", encoding="utf-8")
+    out = tmp_path / "tok"
+    assert cli(["train-tokenizer", "--input", str(corpus), "--vocab-size", "360", "--symbols", str(symbols),
+                "--out", str(out)]) == 0
+    tok = load_tokenizer(out)
+    assert tok._sp.piece_to_id("上海") in tok.encode("去上海")

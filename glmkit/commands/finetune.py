@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from . import CommandError
 
@@ -40,8 +42,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="the base weights' dtype (default: float32; bfloat16 for the frozen base of lora and "
                             "ptuning on CUDA). Trained weights are always float32")
-    group.add_argument("--device", default=None, metavar="DEVICE",
-                       help="cpu or cuda (default: cuda:LOCAL_RANK when available, else cpu)")
+    add_device_arg(group)
 
     group = parser.add_argument_group("method")
     group.add_argument("--method", choices=["full", "lora", "ptuning"], required=True,
@@ -56,9 +57,65 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        help="P-Tuning v2 prefix length (default: 128)")
     group.add_argument("--prefix-projection", action="store_true", help="P-Tuning v2 with the prefix MLP")
 
+    add_loop_args(parser, lr_help="peak learning rate (default: 2e-5 full, 2e-4 lora, 2e-2 ptuning)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from glmkit.config import ModelConfig
+    from glmkit.loader import as_dtype, load_model, resolve_model_dir
+    from glmkit.tokenizer import load_tokenizer
+    from glmkit.train import distributed, train
+
+    config = train_config(args, method=args.method, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                          lora_dropout=args.lora_dropout, **_targets(args.lora_targets), pre_seq_len=args.pre_seq_len,
+                          prefix_projection=args.prefix_projection, overlong=args.overlong)
+    try:
+        ctx = distributed.setup(args.device)
+        say = print if ctx.is_main else (lambda *a, **k: None)
+        model_dir = resolve_model_dir(args.model)
+        tokenizer = load_tokenizer(model_dir)
+        config.max_length = args.max_length or ModelConfig.from_json(model_dir / "config.json").seq_length
+        # The data first: a bad line should not wait for gigabytes of weights to load.
+        train_examples = _read(args.train, tokenizer, config, args.skip_bad_lines, say)
+        eval_examples = _read(args.eval, tokenizer, config, args.skip_bad_lines, say) if args.eval else None
+        dtype = args.dtype or ("bfloat16" if ctx.device.type == "cuda" and config.method != "full"
+                               and not config.fsdp else "float32")
+        model = load_model(model_dir, dtype=as_dtype(dtype), device=ctx.device)
+        result = train(model, train_examples, eval_examples, config, tokenizer, base_model=str(args.model))
+    except (OSError, ValueError) as e:
+        raise CommandError(str(e).strip() or type(e).__name__) from None
+    finally:
+        distributed.teardown()
+    return report_result(result, config, say)
+
+
+def _targets(names: str | None) -> dict:
+    return {} if names is None else {"lora_targets": tuple(t.strip() for t in names.split(",") if t.strip())}
+
+
+def _read(path: str, tokenizer, config, skip_bad_lines: bool, say) -> list[dict]:
+    from glmkit.train import load_conversations
+
+    examples, report = load_conversations(path, tokenizer, config.max_length, config.overlong,
+                                          skip_bad_lines=skip_bad_lines)
+    say(report.summary(), file=sys.stderr)
+    for number, reason in report.bad_lines:
+        say(f"  skipped line {number}: {reason}", file=sys.stderr)
+    return examples
+
+
+# -- what `glmkit pretrain` shares: the loop's flags, the TrainConfig made of them, the closing lines --------
+
+
+def add_device_arg(group) -> None:
+    group.add_argument("--device", default=None, metavar="DEVICE",
+                       help="cpu or cuda (default: cuda:LOCAL_RANK when available, else cpu)")
+
+
+def add_loop_args(parser: argparse.ArgumentParser, lr_help: str, lr_default: float | None = None) -> None:
+    """The flags of the training loop (glmkit.train.TrainConfig): the optimization group, then output."""
     group = parser.add_argument_group("optimization")
-    group.add_argument("--lr", type=float, default=None,
-                       help="peak learning rate (default: 2e-5 full, 2e-4 lora, 2e-2 ptuning)")
+    group.add_argument("--lr", type=float, default=lr_default, help=lr_help)
     group.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps (default: --epochs)")
     group.add_argument("--epochs", type=float, default=1.0, metavar="E",
                        help="passes over the data, when --max-steps is not given (default: 1)")
@@ -95,30 +152,26 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def main(args: argparse.Namespace) -> int:
-    from glmkit.config import ModelConfig
-    from glmkit.loader import as_dtype, load_model, resolve_model_dir
-    from glmkit.tokenizer import load_tokenizer
-    from glmkit.train import distributed, train
+def train_config(args: argparse.Namespace, **method_fields: Any):
+    """The TrainConfig of the `add_loop_args` flags and `method_fields`; a setting that cannot work is a
+    CommandError naming its flag."""
+    from glmkit.train import TrainConfig, TrainConfigError
 
-    config = _train_config(args)
     try:
-        ctx = distributed.setup(args.device)
-        say = print if ctx.is_main else (lambda *a, **k: None)
-        model_dir = resolve_model_dir(args.model)
-        tokenizer = load_tokenizer(model_dir)
-        config.max_length = args.max_length or ModelConfig.from_json(model_dir / "config.json").seq_length
-        # The data first: a bad line should not wait for gigabytes of weights to load.
-        train_examples = _read(args.train, tokenizer, config, args.skip_bad_lines, say)
-        eval_examples = _read(args.eval, tokenizer, config, args.skip_bad_lines, say) if args.eval else None
-        dtype = args.dtype or ("bfloat16" if ctx.device.type == "cuda" and config.method != "full"
-                               and not config.fsdp else "float32")
-        model = load_model(model_dir, dtype=as_dtype(dtype), device=ctx.device)
-        result = train(model, train_examples, eval_examples, config, tokenizer, base_model=str(args.model))
-    except (OSError, ValueError) as e:
-        raise CommandError(str(e).strip() or type(e).__name__) from None
-    finally:
-        distributed.teardown()
+        return TrainConfig(
+            lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, max_steps=args.max_steps,
+            epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay, shuffle=not args.no_shuffle,
+            eval_every=args.eval_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+            seed=args.seed, out_dir=args.out, bf16=args.bf16, fsdp=args.fsdp, device=args.device,
+            resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress, **method_fields)
+    except TrainConfigError as e:  # "max_steps=0 must ..." -> "--max-steps=0 must ..."
+        message = re.sub(r"^([a-z_]+)=", lambda m: "--" + m.group(1).replace("_", "-") + "=", str(e))
+        raise CommandError(message) from None
+
+
+def report_result(result, config, say: Callable[..., None]) -> int:
+    """The closing lines of a run on stderr: the last losses and speed, and where the result is."""
     if not result.train_loss:
         say(f"nothing to do: the checkpoint is at step {result.steps} of {result.total_steps}", file=sys.stderr)
         return 0
@@ -132,37 +185,3 @@ def main(args: argparse.Namespace) -> int:
     elif result.checkpoint is not None:
         say(f"stopped; resume with --resume (checkpoint {result.checkpoint})", file=sys.stderr)
     return 0
-
-
-def _train_config(args: argparse.Namespace):
-    from glmkit.train import TrainConfig, TrainConfigError
-
-    try:
-        return TrainConfig(
-            method=args.method, lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
-            max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-            max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay, shuffle=not args.no_shuffle,
-            eval_every=args.eval_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-            seed=args.seed, out_dir=args.out, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout, **_targets(args.lora_targets),
-            pre_seq_len=args.pre_seq_len, prefix_projection=args.prefix_projection, bf16=args.bf16,
-            overlong=args.overlong, fsdp=args.fsdp, device=args.device, resume=args.resume,
-            stop_after=args.stop_after, progress=not args.no_progress)
-    except TrainConfigError as e:  # "max_steps=0 must ..." -> "--max-steps=0 must ..."
-        message = re.sub(r"^([a-z_]+)=", lambda m: "--" + m.group(1).replace("_", "-") + "=", str(e))
-        raise CommandError(message) from None
-
-
-def _targets(names: str | None) -> dict:
-    return {} if names is None else {"lora_targets": tuple(t.strip() for t in names.split(",") if t.strip())}
-
-
-def _read(path: str, tokenizer, config, skip_bad_lines: bool, say) -> list[dict]:
-    from glmkit.train import load_conversations
-
-    examples, report = load_conversations(path, tokenizer, config.max_length, config.overlong,
-                                          skip_bad_lines=skip_bad_lines)
-    say(report.summary(), file=sys.stderr)
-    for number, reason in report.bad_lines:
-        say(f"  skipped line {number}: {reason}", file=sys.stderr)
-    return examples

@@ -32,6 +32,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="split text files into documents at this string, e.g. '<|endoftext|>'")
     parser.add_argument("--max-sentences", type=int, default=None, metavar="N",
                         help="learn from a random sample of N lines (default: all)")
+    parser.add_argument("--symbols", default=None, metavar="FILE",
+                        help="a UTF-8 file of words, one per line, each kept as one piece wherever it appears "
+                             "(names a small model must copy, e.g. cities)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
 
 
@@ -39,10 +42,17 @@ def main(args: argparse.Namespace) -> int:
     from glmkit.train.tokenizer_training import describe, train_tokenizer
 
     try:
+        symbols = read_symbols(args.symbols) if args.symbols else []
         report = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type,
                                  character_coverage=args.character_coverage, separator=args.separator,
-                                 max_sentences=args.max_sentences, seed=args.seed)
+                                 max_sentences=args.max_sentences, symbols=symbols, seed=args.seed)
     except (OSError, ValueError) as e:
         raise CommandError(str(e)) from None
     print(describe(report), file=sys.stderr)
     return 0
+
+
+def read_symbols(path: str) -> list[str]:
+    """The non-empty lines of the UTF-8 file at `path`."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]

@@ -3,10 +3,11 @@
     python -m glmkit.demo.build --out DIR --seed 0
 
 1. data       synthetic conversations (glmkit.demo.synth): SFT set, held-out set, raw-text corpus
-2. tokenizer  glmkit train-tokenizer: a SentencePiece model in the ChatGLM3 scheme
+2. tokenizer  glmkit train-tokenizer: a SentencePiece model in the ChatGLM3 scheme, the names
+              replies copy (cities, units) kept one piece each
 3. shards     glmkit tokenize-corpus: the corpus tokenized once into packed token shards
 4. init       glmkit init-model: a fresh ChatGLM3-architecture model of the recipe's shape
-5. pretrain   glmkit.train.train on contiguous windows of the shards
+5. pretrain   glmkit pretrain: every weight, on contiguous windows of the shards
 6. sft        glmkit finetune --method full on the conversations
 7. model      DIR/model: config.json, bfloat16 weights, tokenizer.model, demo.json
 8. evaluate   python -m glmkit.demo.evaluate: held-out tool calls and answers, on the saved model
@@ -41,7 +42,7 @@ class Recipe:
     """Every number of the build."""
 
     # data
-    sft_conversations: int = 12800  # one pass: sft_steps x sft_batch
+    sft_conversations: int = 19200  # one pass: sft_steps x sft_batch
     corpus_conversations: int = 6000  # pretraining reads these and the SFT ones as plain text
     eval_conversations: int = 300  # held out, for the tool-use evaluation
     sft_eval_conversations: int = 64  # held out, for the SFT eval loss
@@ -62,7 +63,7 @@ class Recipe:
     pretrain_lr: float = 2e-3
     pretrain_warmup: int = 25
     # supervised fine-tuning on the conversations
-    sft_steps: int = 800
+    sft_steps: int = 1200
     sft_batch: int = 16
     sft_lr: float = 1e-3
     sft_warmup: int = 30
@@ -90,10 +91,10 @@ def build(out_dir: str | Path, seed: int = 0, recipe: Recipe = PRESETS["demo"],
     """Run every stage into `out_dir`; return what build.json records. The model is in `out_dir/model`."""
     import torch
 
+    from glmkit.config import ModelConfig
     from glmkit.loader import load_model, save_model
     from glmkit.tokenizer import load_tokenizer
-    from glmkit.train import TrainConfig, train
-    from glmkit.train.pretrain_data import PackedTokens, PretrainWindows
+    from glmkit.train import PackedTokens, PretrainWindows
 
     from . import evaluate, synth
 
@@ -103,6 +104,7 @@ def build(out_dir: str | Path, seed: int = 0, recipe: Recipe = PRESETS["demo"],
     data = paths["data"]
     corpus, conversations, train_file, eval_file = (data / "corpus.jsonl", data / "conversations.jsonl",
                                                     data / "train.jsonl", data / "eval.jsonl")
+    symbols = data / "symbols.txt"
     log: dict[str, Any] = {"name": NAME, "seed": seed, "recipe": dataclasses.asdict(recipe), "stages": {}}
     stage = _Stages(log, out)
     quiet = [] if progress else ["--no-progress"]
@@ -116,10 +118,11 @@ def build(out_dir: str | Path, seed: int = 0, recipe: Recipe = PRESETS["demo"],
         _write_jsonl(eval_file, [c.record() for c in held_out[recipe.eval_conversations:]])
         documents = synth.corpus_documents(drawn, seed)
         _write_jsonl(corpus, [{"text": t} for t in documents])
+        symbols.write_text("".join(f"{name}\n" for name in synth.copied_names()), encoding="utf-8")
         stage.result(sft=len(sft), corpus_documents=len(documents), held_out=len(held_out))
 
     stage.command("tokenizer", ["train-tokenizer", "--input", corpus, "--vocab-size", recipe.vocab_size,
-                                "--seed", seed, "--out", paths["tokenizer"]])
+                                "--symbols", symbols, "--seed", seed, "--out", paths["tokenizer"]])
     tokenizer = load_tokenizer(paths["tokenizer"])
     stage.command("shards", ["tokenize-corpus", "--input", corpus, "--tokenizer", paths["tokenizer"],
                              "--out", paths["shards"], "--overwrite"])
@@ -127,19 +130,17 @@ def build(out_dir: str | Path, seed: int = 0, recipe: Recipe = PRESETS["demo"],
     stage.command("init", ["init-model", "--config", "tiny", *sets, "--tokenizer", paths["tokenizer"],
                            "--seed", seed, "--out", paths["init"]])
 
-    with stage("pretrain"):
-        model = load_model(paths["init"], dtype=torch.float32, device="cpu")
-        if model.config.num_parameters() > MAX_PARAMETERS:
-            raise ValueError(f"the recipe's model has {model.config.num_parameters():,} parameters, over "
-                             f"{MAX_PARAMETERS:,}")
-        windows = PretrainWindows(PackedTokens(paths["shards"], tokenizer), recipe.pretrain_window)
-        result = train(model, windows, None, TrainConfig(
-            method="full", lr=recipe.pretrain_lr, warmup_steps=recipe.pretrain_warmup,
-            min_lr_ratio=recipe.min_lr_ratio, max_steps=recipe.pretrain_steps, batch_size=recipe.pretrain_batch,
-            weight_decay=recipe.weight_decay, seed=seed, out_dir=paths["pretrain"], progress=progress,
-            device="cpu"), tokenizer)
-        stage.result(**_losses(result), data=windows.summary())
-        del model
+    parameters = ModelConfig.from_json(paths["init"] / "config.json").num_parameters()
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(f"the recipe's model has {parameters:,} parameters, over {MAX_PARAMETERS:,}")
+    stage.command("pretrain", ["pretrain", "--model", paths["init"], "--shards", paths["shards"],
+                               "--window", recipe.pretrain_window, "--lr", recipe.pretrain_lr,
+                               "--max-steps", recipe.pretrain_steps, "--batch-size", recipe.pretrain_batch,
+                               "--warmup-steps", recipe.pretrain_warmup, "--min-lr-ratio", recipe.min_lr_ratio,
+                               "--weight-decay", recipe.weight_decay, "--seed", seed, "--device", "cpu",
+                               "--out", paths["pretrain"], *quiet])
+    windows = PretrainWindows(PackedTokens(paths["shards"], tokenizer), recipe.pretrain_window)
+    stage.result(**_log_losses(paths["pretrain"]), data=windows.summary())
 
     with stage("order"):  # SFT batches of similar lengths waste less on padding
         records = [json.loads(line) for line in conversations.read_text(encoding="utf-8").splitlines()]
@@ -248,12 +249,6 @@ class _Stages:
             status = main(argv)
         if status not in ok:
             raise RuntimeError(f"stage {name} failed with status {status}: {program} {' '.join(argv)}")
-
-
-def _losses(result) -> dict[str, Any]:
-    losses = result.train_loss
-    return {"steps": result.steps, "first_loss": losses[min(losses)], "last_loss": losses[max(losses)],
-            "tokens_per_second": round(result.tokens_per_second)}
 
 
 def _log_losses(folder: Path) -> dict[str, Any]:

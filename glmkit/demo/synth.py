@@ -123,6 +123,17 @@ def format_number(x: float) -> str:
     return str(int(x)) if x == int(x) else str(x)
 
 
+def copied_names() -> list[str]:
+    """The names a reply copies from the question: cities and unit names, English and Chinese.
+
+    The demo's tokenizer keeps each one a single piece wherever it appears, so that copying the
+    city of "weather in London?" into `get_weather(city='London')` is one token's lookup.
+    """
+    names = [name for pair in C.CITIES for name in pair]
+    names += [name for en, zh in C.UNITS.values() for name in (en, zh)]
+    return list(dict.fromkeys(names))
+
+
 def corpus_documents(drawn: list[Conversation], seed: int) -> list[str]:
     """Raw text for tokenizer training and pretraining: each conversation's tools and messages as
     plain text (metadata lines included, no role tokens), then the facts as short articles in both

@@ -10,6 +10,12 @@ its 64789 pieces. The special tokens are not pieces, so no text can ever encode 
 SentencePiece learns from lines: each document is split at newlines (newlines themselves become
 the byte piece `<0x0A>`, as in ChatGLM3). A line longer than MAX_LINE_BYTES is cut into parts of
 at most that size, and the report counts them.
+
+`symbols` are whole words that always stay one piece wherever they appear (SentencePiece's
+user-defined symbols; a space inside one is written as a space and stored as "▁"). A small model
+copies a name from the question into a tool call far more easily when the name is the same single
+token in both places: "▁London" in a sentence and "London" after a quote would otherwise be two
+unrelated pieces.
 """
 
 from __future__ import annotations
@@ -42,13 +48,14 @@ class TokenizerReport:
 
 def train_tokenizer(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vocab_size: int, *,
                     model_type: str = "bpe", character_coverage: float = 0.9995, separator: str | None = None,
-                    max_sentences: int | None = None, seed: int = 0,
+                    max_sentences: int | None = None, symbols: Sequence[str] = (), seed: int = 0,
                     num_threads: int | None = None) -> TokenizerReport:
     """Train on the documents of `inputs` (see `glmkit.train.corpus`); write `out_dir/tokenizer.model`.
 
     vocab_size: SentencePiece pieces, control and byte pieces included (ChatGLM3 has 64789).
     character_coverage: the share of characters (0.98 to 1) that get their own piece; rarer ones
     are spelled in bytes. max_sentences: learn from a random sample of this many lines (default: all).
+    symbols: words kept as one piece each wherever they appear (see the module's docstring).
     The result is the same for the same inputs, settings and seed.
     """
     if model_type not in MODEL_TYPES:
@@ -60,6 +67,7 @@ def train_tokenizer(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
         raise ValueError(f"character_coverage={character_coverage} must be in [0.98, 1]")
     if max_sentences is not None and max_sentences <= 0:
         raise ValueError(f"max_sentences={max_sentences} must be positive")
+    user_symbols = _user_symbols(symbols)
 
     counts = {"documents": 0, "lines": 0, "cut_lines": 0}
     lines = _lines(inputs, separator, counts)
@@ -75,6 +83,8 @@ def train_tokenizer(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
         "shuffle_input_sentence": max_sentences is not None,
         "num_threads": num_threads or os.cpu_count() or 1, "minloglevel": 2,
     }
+    if user_symbols:
+        options["user_defined_symbols"] = user_symbols
     import sentencepiece as spm
 
     spm.set_random_generator_seed(seed)
@@ -94,6 +104,22 @@ def train_tokenizer(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     if tokenizer.num_pieces != vocab_size:
         raise ValueError(f"SentencePiece wrote {tokenizer.num_pieces} pieces instead of {vocab_size}")
     return TokenizerReport(path, tokenizer.num_pieces, **counts)
+
+
+def _user_symbols(symbols: Sequence[str]) -> list[str]:
+    """`symbols` as SentencePiece stores them (spaces as "▁"), checked and without repeats."""
+    if isinstance(symbols, str):
+        raise ValueError("symbols must be a list of words, not one string")
+    out: list[str] = []
+    for symbol in symbols:
+        if not isinstance(symbol, str) or not symbol.strip():
+            raise ValueError(f"symbol {symbol!r}: a symbol must be a non-empty word")
+        if symbol != symbol.strip() or any(c in symbol for c in "\n\t\r"):
+            raise ValueError(f"symbol {symbol!r}: no leading or trailing spaces and no line breaks")
+        stored = symbol.replace(" ", "\u2581")
+        if stored not in out:
+            out.append(stored)
+    return out
 
 
 def _lines(inputs: Sequence[str | os.PathLike], separator: str | None, counts: dict[str, int]) -> Iterator[str]:
