@@ -208,7 +208,8 @@ class ToolRegistry:
 
     @classmethod
     def from_file(cls, path: str | Path, **limits: Any) -> ToolRegistry:
-        """Tools from a Python file (its module-level `@tool` functions) or a JSON spec.
+        """Tools from a Python file or an importable module (their module-level `@tool` functions,
+        e.g. "glmkit.demo.tools"), or a JSON spec.
 
         A JSON spec is a list of tools (or {"tools": [...]}), each in ChatGLM3's form
         {"name", "description", "parameters"} or OpenAI's {"type": "function", "function": {...}},
@@ -216,6 +217,12 @@ class ToolRegistry:
         the spec) that runs it, and an optional "timeout". A tool without "callable" is declared
         only. Raises ValueError naming the problem.
         """
+        if not Path(path).exists() and _is_module_name(str(path)):
+            try:
+                module = importlib.import_module(str(path))
+            except ImportError as e:
+                raise ValueError(f"no tools file at {path}, and no module of that name: {e}") from None
+            return cls(_tools_of_module(module), **limits)
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"no tools file at {path}")
@@ -349,6 +356,10 @@ def _import_file(path: Path):
         del sys.modules[module_name]
         raise ValueError(f"{path}: importing it failed: {type(e).__name__}: {e}") from e
     return module
+
+
+def _is_module_name(text: str) -> bool:
+    return all(part.isidentifier() for part in text.split(".")) and not text.endswith((".py", ".json"))
 
 
 def _tools_of_module(module) -> list[Tool]:

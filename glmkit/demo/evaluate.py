@@ -32,7 +32,8 @@ from typing import Any
 from glmkit.train.data import conversation_messages
 
 from .content import NAME
-from .synth import Check, Conversation, conversations, tool_schema
+from .synth import Check, Conversation, conversations
+from .tools import tool_schema
 
 MAX_NEW_TOKENS = 96  # the longest expected reply is well under this
 SHOWN_FAILURES = 20

@@ -32,6 +32,7 @@ from glmkit.agent.observation import result_block
 from glmkit.chat_format import INTERPRETER, TOOLS_PREAMBLE
 
 from . import content as C
+from .tools import convert_value, format_number, tool_schema
 
 SPLITS = ("train", "eval")
 HELD_OUT_SHARE = 10  # one in this many request texts is held out for evaluation
@@ -97,30 +98,10 @@ def conversations(n: int, seed: int, split: str = "train") -> list[Conversation]
     return out
 
 
-def tool_schema(name: str, description: str | None = None) -> dict[str, Any]:
-    """The declaration of a demo tool, in ChatGLM3's JSON-schema form (first wording by default)."""
-    params = C.TOOL_PARAMETERS[name]
-    return {
-        "name": name,
-        "description": description if description is not None else C.TOOL_DESCRIPTIONS[name][0],
-        "parameters": {
-            "type": "object",
-            "properties": {key: {"type": kind, "description": text} for key, (kind, text) in params.items()},
-            "required": list(params),
-        },
-    }
-
-
 def tool_call_text(parameters: dict[str, Any]) -> str:
     """An assistant's tool-call content, as ChatGLM3 writes it: a fenced `tool_call(name=literal, ...)`."""
     args = ", ".join(f"{key}={value!r}" for key, value in parameters.items())
     return f"```python\ntool_call({args})\n```"
-
-
-def format_number(x: float) -> str:
-    """A result as tools report it: an integer when whole, else at most 2 decimals."""
-    x = round(x, 2)
-    return str(int(x)) if x == int(x) else str(x)
 
 
 def copied_names() -> list[str]:
@@ -368,12 +349,8 @@ class _Builder:
     def _convert(self) -> None:
         first, second, factor = self.pick(C.UNIT_PAIRS)
         source, target = (first, second) if self.rng.random() < 0.5 else (second, first)
-        if factor is None:  # temperature
-            value = self.rng.randint(-20, 100)
-            result = value * 9 / 5 + 32 if source == "celsius" else (value - 32) * 5 / 9
-        else:
-            value = self.rng.randint(1, 500)
-            result = value * factor if source == first else value / factor
+        value = self.rng.randint(-20, 100) if factor is None else self.rng.randint(1, 500)
+        result = convert_value(value, source, target)
         names = {"value": value, "from_name": C.UNITS[source][self.lang == "zh"],
                  "to_name": C.UNITS[target][self.lang == "zh"]}
         held = self._request(self.pick(C.CONVERT_QUESTIONS[self.lang]).format(**names))
