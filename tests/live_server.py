@@ -106,6 +106,11 @@ def tool_call_reply(tok, name: str, arguments: str, metadata: bool = True) -> li
     return (tok.encode(name + "\n") if metadata else []) + body
 
 
+def code_reply(tok, code: str) -> list[int]:
+    """The ids ChatGLM3 writes to run code: metadata `interpreter`, a fenced block, `<|observation|>`."""
+    return tok.encode("interpreter\n") + tok.encode(f"```python\n{code}\n```") + [tok.token_id("<|observation|>")]
+
+
 def scripted_backend(tok, reply_for, delay: float = 0.0) -> tuple[ScriptedModel, SequentialBackend]:
     model = ScriptedModel(tok, reply_for, delay)
     return model, SequentialBackend(model, tok)

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP app: `create_app(chat_model) -> FastAPI`.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
-GET /metrics (Prometheus), GET / (the chat page, from `static/`). With `api_keys`, the /v1 routes
-want `Authorization: Bearer KEY` with one of them; the page, /health and /metrics stay open.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /v1/tools (what
+the server runs itself, see `server_tools`), GET /health, GET /metrics (Prometheus), GET / (the chat
+page, from `static/`). With `api_keys`, the /v1 routes want `Authorization: Bearer KEY` with one of
+them; the page, /health and /metrics stay open.
 
 Every refusal is OpenAI's error shape with its status (see `errors`); a body above
 `max_body_bytes` is refused (413) before it is parsed, reading no more of it than the limit.
@@ -28,20 +29,23 @@ from .backend import make_backend
 from .chat_completions import chat_completions
 from .completions import completions
 from .errors import APIError, bad_request
+from .server_tools import ServerTools
 from .service import Limits, Service
 
 STATIC = Path(__file__).parent / "static"
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")  # metrics labels; other paths count as "other"
+# Metrics labels; other paths count as "other".
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/tools")
 
 
 def create_app(chat_model_or_parts: Any, *, api_keys: Sequence[str] = (), model_name: str = "chatglm3-6b",
                backend: Any = None, max_num_seqs: int = 64, max_pending: int = 256,
-               max_body_bytes: int = 4 * 2**20) -> FastAPI:
+               max_body_bytes: int = 4 * 2**20, server_tools: ServerTools | None = None) -> FastAPI:
     """The app serving `chat_model_or_parts` (a `glmkit.ChatModel`, or a (model, tokenizer) pair).
 
     backend: what generates (see `backend`); None = the batched engine when glmkit has one, else the
         sequential backend. The app starts and stops it with its own lifespan.
     max_pending: generations admitted at once, running or queued (`n` counts n); beyond it a 503.
+    server_tools: the tools and code interpreter the server runs for clients that ask (default: none).
     """
     model, tokenizer = _parts(chat_model_or_parts)
     if backend is None:
@@ -49,6 +53,7 @@ def create_app(chat_model_or_parts: Any, *, api_keys: Sequence[str] = (), model_
     if max_pending < 1 or max_body_bytes < 1:
         raise ValueError("max_pending and max_body_bytes must be at least 1")
     service = Service(model, tokenizer, backend, model_name, Limits(max_pending, max_body_bytes))
+    server_tools = server_tools or ServerTools()
     keys = [key.encode() for key in api_keys]
 
     @asynccontextmanager
@@ -62,6 +67,7 @@ def create_app(chat_model_or_parts: Any, *, api_keys: Sequence[str] = (), model_
     app = FastAPI(title="glmkit", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.service = service
+    app.state.server_tools = server_tools
     app.add_middleware(_CountRequests, metrics=service.metrics)
     _add_error_handlers(app)
 
@@ -82,7 +88,7 @@ def create_app(chat_model_or_parts: Any, *, api_keys: Sequence[str] = (), model_
         arrived = time.monotonic()
         authorize(request)
         return await chat_completions(service, await _read_json(request, service.limits.max_body_bytes), request,
-                                      arrived)
+                                      arrived, server_tools)
 
     @app.post("/v1/completions")
     async def complete(request: Request) -> Response:
@@ -100,6 +106,11 @@ def create_app(chat_model_or_parts: Any, *, api_keys: Sequence[str] = (), model_
         authorize(request)
         service.check_model(name)
         return _model_card(service)
+
+    @app.get("/v1/tools")
+    async def tools(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return server_tools.describe()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -4,7 +4,8 @@ The request becomes a ChatGLM3 prompt (`openai_tools.chat_prompt`), plus a force
 request demands one: a tool's name for a named `tool_choice` (or "required" with one tool), an empty
 metadata line (a text turn) for `response_format: json_object`. Each of the `n` choices is its own
 generation; its text goes through a `ReplyStream`, whose deltas are the stream's chunks, or, merged,
-the whole message.
+the whole message. A request that asks the server to run tools or code itself (glmkit's entries in
+`tools`) is handed to `agent_completions`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from starlette.responses import JSONResponse, Response
 
 from glmkit.chat_format import render_messages
 
+from .agent_completions import agent_chat_completions, wants_server_side
 from .constraints import JsonObject, OneOf
 from .errors import bad_request
 from .openai_tools import ChatPrompt, ReplyStream, as_legacy, chat_prompt, merge_deltas
 from .responses import DONE, collect_choices, event_stream, logprob_entry, new_id, sse, unless_disconnected, usage
 from .schemas import ChatCompletionRequest, parse_request
+from .server_tools import ServerTools
 from .service import Service
 
 ENDPOINT = "/v1/chat/completions"
@@ -67,7 +70,8 @@ class _Choice:
         return message
 
 
-async def chat_completions(service: Service, body: Any, http: Request, arrived: float) -> Response:
+async def chat_completions(service: Service, body: Any, http: Request, arrived: float,
+                           server_tools: ServerTools | None = None) -> Response:
     request: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
     service.check_model(request.model)
     if request.stream_options is not None and not request.stream:
@@ -78,6 +82,9 @@ async def chat_completions(service: Service, body: Any, http: Request, arrived: 
             and request.max_tokens != request.max_completion_tokens):
         raise bad_request("max_tokens and max_completion_tokens differ; give one", param="max_completion_tokens")
     max_tokens = request.max_completion_tokens or request.max_tokens
+    if wants_server_side(request):
+        return await agent_chat_completions(service, server_tools or ServerTools(), request, http, arrived,
+                                            max_tokens)
 
     prompt = chat_prompt(request)
     json_mode = request.response_format is not None and request.response_format.type != "text"

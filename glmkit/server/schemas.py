@@ -6,14 +6,15 @@ one field, the model or the tokenizer (tool_choice against tools, roles, context
 that knowledge is: `openai_tools` and `requests`.
 
 Extensions beyond OpenAI's fields, named as vLLM names them so clients that know one know the other:
-`top_k`, `repetition_penalty`, `ignore_eos`.
+`top_k`, `repetition_penalty`, `ignore_eos`. And glmkit's own: `tools` entries that ask the server to
+run tools itself, `{"type": "code_interpreter"}` and `{"type": "server_tool", "name": ...}`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from .errors import APIError, bad_request
 
@@ -79,6 +80,30 @@ class Tool(_Strict):
     function: FunctionDefinition
 
 
+class CodeInterpreterTool(_Strict):
+    """glmkit extension: run the model's code in the server's sandbox (`glmkit serve --code-interpreter`)."""
+
+    type: Literal["code_interpreter"]
+
+
+class ServerTool(_Strict):
+    """glmkit extension: let the model call one of the server's own tools (`glmkit serve --tools FILE`)."""
+
+    type: Literal["server_tool"]
+    name: str
+
+
+def _tool_kind(value: Any) -> str:
+    """The branch an entry of `tools` is checked against; anything unknown as a function tool, whose
+    error then names the expected type. Tags are capitalised so error paths skip them (`_NOT_FIELDS`)."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"code_interpreter": "CodeInterpreter", "server_tool": "ServerTool"}.get(kind, "Function")
+
+
+AnyTool = Annotated[Annotated[Tool, Tag("Function")] | Annotated[CodeInterpreterTool, Tag("CodeInterpreter")]
+                    | Annotated[ServerTool, Tag("ServerTool")], Discriminator(_tool_kind)]
+
+
 class NamedFunction(_Strict):
     name: str
 
@@ -123,7 +148,7 @@ class _SamplingFields(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[Message], Field(min_length=1)]
-    tools: list[Tool] | None = None
+    tools: list[AnyTool] | None = None  # server-side entries: see `server_tools`
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted: ChatGLM3 calls one tool per turn anyway
     functions: list[FunctionDefinition] | None = None  # legacy form of tools
