@@ -10,7 +10,9 @@ With `--tools FILE` (a Python file of `@glmkit.agent.tool` functions, or a JSON 
 `--code-interpreter` (Python run in a sandboxed Jupyter kernel, one per conversation), each message
 runs the agent loop: the calls and code the model writes are run, their results are printed as
 `[tool result]` / `[result]` and sent back to the model, until it answers (at most --max-rounds
-replies). `clear` also restarts the interpreter.
+replies). `clear` also restarts the interpreter. With no `--model` the chat is with the bundled demo
+model, and its own tools (`glmkit.demo.tools`: made-up weather, a calculator, unit conversion) are
+on unless `--tools` or `--code-interpreter` says otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from . import CommandError, add_model_args, add_sampling_args, load_chat_model, 
 USER_PROMPT = "User: "
 MODEL_PROMPT = "ChatGLM: "
 WELCOME = "Chatting with {model}. Type 'clear' to start over, 'stop' or Ctrl-D to quit."
+DEMO_TOOLS = "glmkit.demo.tools"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +38,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_sampling_args(parser)
     group = parser.add_argument_group("agent")
     group.add_argument("--tools", default=None, metavar="FILE",
-                       help="tools the model may call: a Python file of @glmkit.agent.tool functions, or a JSON spec")
+                       help="tools the model may call: a Python file or module of @glmkit.agent.tool functions, or a JSON spec (default with no --model: glmkit.demo.tools)")
     group.add_argument("--code-interpreter", action="store_true",
                        help="let the model run Python in a sandboxed Jupyter kernel (needs: pip install 'glmkit[agent]')")
     group.add_argument("--workdir", default=None, metavar="DIR",
@@ -48,6 +51,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     kwargs = sampling_kwargs(args)
+    if args.model is None and args.tools is None and not args.code_interpreter:
+        args.tools = DEMO_TOOLS  # the bundled demo model comes with the tools it was trained to call
     tools, session = _agent_parts(args)  # bad agent flags or a bad tools file fail before the model loads
     model = load_chat_model(args)
     agent = None
