@@ -8,7 +8,7 @@ import pytest
 import glmkit
 from glmkit.agent import Agent, Tool
 from glmkit.demo import model_dir
-from glmkit.demo.tools import TOOLS, tool_schema, weather
+from glmkit.demo.tools import INTERPRETER_PROMPT, TOOLS, tool_schema, weather
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 96}
 
@@ -59,7 +59,7 @@ def test_the_round_limit(demo):
 
 @pytest.mark.slow
 def test_interpreter_round_trip(demo):
-    with Agent(demo, code_interpreter=True, sampling=GREEDY) as agent:
+    with Agent(demo, code_interpreter=True, interpreter_prompt=INTERPRETER_PROMPT, sampling=GREEDY) as agent:
         result = agent.run("Use Python to compute 2 to the power of 20.")
     codes = [e for e in result.trace if e.kind == "code"]
     outputs = [e for e in result.trace if e.kind == "code_output"]

@@ -118,12 +118,15 @@ class Agent:
     InterpreterSession the caller owns (e.g. one kept per conversation by a server).
     limits: the sandbox limits of the session made for True. system: the caller's system prompt,
     after the tool and interpreter announcements. sampling: default sampling arguments of replies.
+    interpreter_prompt: the system message that announces the interpreter, "{workdir}" standing for
+    the session's folder; by default ChatGLM3's own (INTERPRETER_PROMPT). A model fine-tuned on
+    another prompt, like glmkit-demo, works best with that one.
     """
 
     def __init__(self, model: Any, tools: ToolRegistry | Iterable[Tool | Callable[..., Any]] | None = None,
                  code_interpreter: bool | InterpreterSession = False, *, max_rounds: int = DEFAULT_MAX_ROUNDS,
                  system: str | None = None, limits: SandboxLimits | None = None,
-                 sampling: Mapping[str, Any] | None = None):
+                 sampling: Mapping[str, Any] | None = None, interpreter_prompt: str = INTERPRETER_PROMPT):
         if not callable(getattr(model, "stream_chat", None)):
             raise TypeError(f"model must have ChatModel's stream_chat(), got {type(model).__name__}")
         if not isinstance(max_rounds, int) or max_rounds < 1:
@@ -142,6 +145,7 @@ class Agent:
         self.max_rounds = max_rounds
         self.system = system
         self.sampling = dict(sampling or {})
+        self.interpreter_prompt = interpreter_prompt
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -164,7 +168,8 @@ class Agent:
         """What starts a conversation: the tools' announcement, the interpreter's prompt, `system`."""
         messages = tools_system_message(self.tools.schemas()) if len(self.tools) else []
         if self.interpreter is not None:
-            messages.append({"role": "system", "content": INTERPRETER_PROMPT.format(workdir=self.interpreter.workdir)})
+            prompt = self.interpreter_prompt.replace("{workdir}", str(self.interpreter.workdir))
+            messages.append({"role": "system", "content": prompt})
         if self.system is not None:
             messages.append({"role": "system", "content": self.system})
         return messages

@@ -38,7 +38,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_sampling_args(parser)
     group = parser.add_argument_group("agent")
     group.add_argument("--tools", default=None, metavar="FILE",
-                       help="tools the model may call: a Python file or module of @glmkit.agent.tool functions, or a JSON spec (default with no --model: glmkit.demo.tools)")
+                       help="tools the model may call: a Python file or module of @glmkit.agent.tool functions, or a "
+                            "JSON spec (default with no --model: glmkit.demo.tools)")
     group.add_argument("--code-interpreter", action="store_true",
                        help="let the model run Python in a sandboxed Jupyter kernel (needs: pip install 'glmkit[agent]')")
     group.add_argument("--workdir", default=None, metavar="DIR",
@@ -51,7 +52,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     kwargs = sampling_kwargs(args)
-    if args.model is None and args.tools is None and not args.code_interpreter:
+    demo = args.model is None
+    if demo and args.tools is None and not args.code_interpreter:
         args.tools = DEMO_TOOLS  # the bundled demo model comes with the tools it was trained to call
     tools, session = _agent_parts(args)  # bad agent flags or a bad tools file fail before the model loads
     model = load_chat_model(args)
@@ -59,7 +61,12 @@ def main(args: argparse.Namespace) -> int:
     if tools is not None or session is not None:
         from glmkit.agent.loop import Agent
 
-        agent = Agent(model, tools=tools, code_interpreter=session or False, max_rounds=args.max_rounds)
+        prompt = {}
+        if demo:  # the demo model was trained on its own announcement of the interpreter
+            from glmkit.demo.tools import INTERPRETER_PROMPT
+
+            prompt["interpreter_prompt"] = INTERPRETER_PROMPT
+        agent = Agent(model, tools=tools, code_interpreter=session or False, max_rounds=args.max_rounds, **prompt)
     try:
         return _converse(model, agent, args, kwargs)
     finally:

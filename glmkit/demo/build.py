@@ -54,7 +54,7 @@ class Recipe:
     ffn_hidden_size: int = 704
     num_attention_heads: int = 8
     kv_channels: int = 32
-    multi_query_group_num: int = 2
+    multi_query_group_num: int = 8  # one key/value per head: with 2 groups the model learned to copy far worse
     seq_length: int = 1024
     # pretraining on the raw-text corpus
     pretrain_window: int = 512

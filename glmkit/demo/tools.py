@@ -117,3 +117,6 @@ get_weather = _declared("get_weather", weather)
 calculator = _declared("calculator", calculate)
 convert_units = _declared("convert_units", convert)
 TOOLS = (get_weather, calculator, convert_units)
+# How the demo's training data announces the code interpreter (its English wording), for
+# `glmkit.Agent(..., interpreter_prompt=INTERPRETER_PROMPT)`.
+INTERPRETER_PROMPT = C.INTERPRETER_SYSTEM["en"]
