@@ -1,16 +1,18 @@
 """Micro-benchmarks and the quality report behind glmkit.quant's choices.
 
     python benchmarks/bench_quant.py kernels [--threads 1,2]   # one row at ChatGLM3-6B's shapes, DRAM-bound
-    python benchmarks/bench_quant.py rows                      # rows per call: integer kernels vs float32
+    python benchmarks/bench_quant.py rows [--rows 1,8,256]     # rows per call: every kernel, in cache
     python benchmarks/bench_quant.py overhead                  # per-token cost outside the matrix products
     python benchmarks/bench_quant.py quality [--model DIR]     # perplexity and logits, float vs quantized
     python benchmarks/bench_quant.py full                      # glmkit bench at 6B + transformers bf16, one run
 
-`kernels` times x (1, K) @ W.T for each of the 6B model's four block shapes and its output layer, for the
-bf16 packed path (glmkit.packed), int8 and int4 (group 32 / 64 / 128). Each timing cycles through enough
-copies of the weight to exceed the CPU's caches, so it reads memory as a decode step does; it reports
-milliseconds and GB/s of weight bytes. `rows` finds where the float32 path overtakes the integer kernels
-(kernels.INT*_KERNEL_MAX_ROWS). `overhead` times a decode step of a 28-layer model with tiny matrices:
+`kernels` times x (1, K) @ W.T for each of the 6B model's four block shapes and its output layer: the bf16
+packed path (glmkit.packed), then int8 and int4 (group 128 / 32) through torch's kernels ("cpu") and through
+glmkit's VNNI kernels ("vnni"), in interleaved rounds. Each timing cycles through enough copies of the weight
+to exceed the CPU's caches, so it reads memory as a decode step does; it reports milliseconds and the share
+of the bandwidth roofline (weight bytes / the streaming read bandwidth, measured first with the same threads).
+`rows` times one layer (in cache: compute) from 1 to 256 rows for every kernel, which is how
+kernels.choose was decided. `overhead` times a decode step of a 28-layer model with tiny matrices:
 what a token costs beyond reading the weights. `quality` compares a float model with its int8 / int4
 versions on held-out text: perplexity and the largest logit difference.
 """
@@ -85,42 +87,68 @@ def weight_bytes(layer) -> int:
     return sum(b.nbytes for b in layer.buffers() if b is not None)
 
 
-def time_kind(kind: str, k: int, n: int, rows: int = 1, kernel: str = "auto") -> tuple[float, float]:
-    """(ms per call, GB/s of weights) for x (rows, K) through layers of `kind`, cycling past the caches."""
-    per_layer = make_layers(kind, k, n, 1)[0]
-    copies = max(2, math.ceil(CACHE_BYTES / weight_bytes(per_layer)))
-    layers = [per_layer, *make_layers(kind, k, n, copies - 1)]
-    for layer in layers:
+# The columns of `kernels`: glmkit.packed's bf16 path, then per format torch's kernel ("cpu") and glmkit's ("vnni").
+KERNEL_COLUMNS = [("bf16", "auto"), ("int8", "cpu"), ("int8", "vnni"), ("int4-g128", "cpu"), ("int4-g128", "vnni"),
+                  ("int4-g32", "cpu"), ("int4-g32", "vnni")]
+
+
+def layer_pool(kind: str, k: int, n: int) -> list[torch.nn.Module]:
+    """Enough layers of one kind to exceed the caches, so that each call reads memory as a decode step does."""
+    first = make_layers(kind, k, n, 1)[0]
+    return [first, *make_layers(kind, k, n, max(2, math.ceil(CACHE_BYTES / weight_bytes(first))) - 1)]
+
+
+def time_pool(pool: list[torch.nn.Module], kernel: str, x: torch.Tensor) -> float:
+    """ms per call of x through the layers of `pool` in turn, with `kernel` forced (auto for bf16)."""
+    for layer in pool:
         if not isinstance(layer, PackedLinear):
             layer.kernel = kernel
-    x = torch.randn(rows, k).bfloat16()
     state = {"i": 0}
 
     def step():
-        layers[state["i"] % copies](x)
+        pool[state["i"] % len(pool)](x)
         state["i"] += 1
 
     with torch.inference_mode():
-        ms = best_ms(step, repeats=max(7, 2 * copies))
-    return ms, weight_bytes(per_layer) / ms / 1e6
+        return best_ms(step, repeats=max(7, 2 * len(pool)))
 
 
 def cmd_kernels(args) -> None:
-    kinds = ["bf16", "int8", "int4-g32", "int4-g64", "int4-g128"]
+    """One row through each 6B shape: ms per call and the share of the bandwidth roofline (weight bytes / read
+    bandwidth, measured with the same threads). Columns and the bandwidth are timed in interleaved rounds and
+    the best of each is kept, so that a round disturbed by other work on the machine does not count."""
+    from glmkit.commands.bench import read_bandwidth
+
+    columns = [c for c in KERNEL_COLUMNS if c[1] != "vnni" or kernels.vnni.available()]
+    wanted = SHAPES_6B if args.shapes is None else args.shapes.split(",")
+    shapes = [s for s in SHAPES_6B if s in wanted or s[0] in wanted]
     for threads in args.threads:
         torch.set_num_threads(threads)
-        print(f"\n{threads} thread(s): ms per call (GB/s of weights), one row")
-        print(f"{'shape':<22}" + "".join(f"{k:>18}" for k in kinds))
-        totals = dict.fromkeys(kinds, 0.0)
-        for name, k, n in SHAPES_6B:
+        bandwidth, best, nbytes = 0.0, {}, {}
+        for name, k, n in shapes:
+            pools = {kind: layer_pool(kind, k, n) for kind in dict.fromkeys(kind for kind, _ in columns)}
+            nbytes.update({(name, kind): weight_bytes(pool[0]) for kind, pool in pools.items()})
+            x = torch.randn(1, k).bfloat16()
+            for _ in range(args.rounds):
+                bandwidth = max(bandwidth, read_bandwidth(1.0, repeats=1))
+                for kind, kernel in columns:
+                    ms = time_pool(pools[kind], kernel, x)
+                    best[name, kind, kernel] = min(best.get((name, kind, kernel), float("inf")), ms)
+            print(f"  {name} measured", file=sys.stderr, flush=True)
+            del pools
+        print(f"\n{threads} thread(s), read bandwidth {bandwidth / 1e9:.1f} GB/s (best of {len(shapes) * args.rounds}): "
+              f"ms per call (share of the roofline), one row, best of {args.rounds} rounds")
+        print(f"{'shape (N x K)':<24}" + "".join(f"{kind + ' ' + kernel:>17}" for kind, kernel in columns))
+        totals = dict.fromkeys(columns, 0.0)
+        for name, k, n in shapes:
             cells = []
-            for kind in kinds:
-                ms, gbs = time_kind(kind, k, n)
-                count = 28 if name != "output" else 1
-                totals[kind] += ms * count
-                cells.append(f"{ms:>9.2f} ({gbs:>5.1f})")
-            print(f"{name + f' {k}x{n}':<22}" + "".join(f"{c:>18}" for c in cells), flush=True)
-        print(f"{'6B token (28 layers)':<22}" + "".join(f"{totals[k]:>12.0f} ms   " for k in kinds))
+            for kind, kernel in columns:
+                ms = best[name, kind, kernel]
+                totals[kind, kernel] += ms * (28 if name != "output" else 1)
+                cells.append(f"{ms:>8.2f} ({nbytes[name, kind] / bandwidth * 1e3 / ms:>4.0%})")
+            print(f"{name + f' {n}x{k}':<24}" + "".join(f"{c:>17}" for c in cells), flush=True)
+        if len(shapes) == len(SHAPES_6B):
+            print(f"{'6B token, weights only':<24}" + "".join(f"{totals[c]:>11.0f} ms   " for c in columns))
 
 
 def cmd_rows(args) -> None:
@@ -129,11 +157,13 @@ def cmd_rows(args) -> None:
     torch.set_num_threads(args.threads[0])
     k, n = 4096, 4608
     layers = {kind: make_layers(kind, k, n, 1)[0] for kind in ("bf16", "int8", "int4-g128")}
-    columns = [("bf16", "auto"), ("int8", "cpu"), ("int8", "float32"), ("int4-g128", "cpu"), ("int4-g128", "float32")]
+    columns = [("bf16", "auto"), ("int8", "vnni"), ("int8", "cpu"), ("int8", "float32"), ("int4-g128", "vnni"),
+               ("int4-g128", "cpu"), ("int4-g128", "float32")]
+    columns = [c for c in columns if c[1] != "vnni" or kernels.vnni.available()]
     print(f"x (rows, {k}) @ ({n}, {k}).T, ms per call, {args.threads[0]} thread(s); bf16 is glmkit.packed")
     print(f"{'rows':>6}" + "".join(f"{kind + ' ' + kernel:>18}" for kind, kernel in columns))
     with torch.inference_mode():
-        for rows in (1, 4, 8, 16, 32, 48, 64, 128, 256):
+        for rows in args.rows:
             x = torch.randn(rows, k).bfloat16()
             best = dict.fromkeys(columns, float("inf"))
             for _ in range(3):
@@ -219,23 +249,25 @@ def cmd_quality(args) -> None:
     with torch.inference_mode():
         reference = float_model(ids).float()
     print(f"{ids.shape[1]} tokens of {args.text}; model: {args.model or 'tiny (random weights)'}")
-    print(f"{'weights':<28}{'perplexity':>12}{'max |logit diff|':>18}{'of max |logit|':>16}")
-    print(f"{'float32':<28}{perplexity(reference, ids):>12.3f}{0:>18.4f}{0:>15.2%}")
+    print(f"{'weights':<34}{'perplexity':>12}{'max |logit diff|':>18}{'of max |logit|':>16}")
+    print(f"{'float32':<34}{perplexity(reference, ids):>12.3f}{0:>18.4f}{0:>15.2%}")
     for quant in (QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64), QuantConfig("int4", 128),
                   QuantConfig("int4", 32, output="int4")):
         try:
             model = quantize_model(_copy(float_model), quant, torch.float32)
         except ValueError as e:
-            print(f"{_label(quant):<28} skipped: {e}")
+            print(f"{_label(quant):<34} skipped: {e}")
             continue
-        for module in model.modules():
-            if isinstance(module, (Int8Linear, Int4Linear)):
-                module.kernel = "reference"  # the quantization's own effect, in float32
-        with torch.inference_mode():
-            logits = model(ids).float()
-        diff = (logits - reference).abs().max().item()
-        print(f"{_label(quant):<28}{perplexity(logits, ids):>12.3f}{diff:>18.4f}"
-              f"{diff / reference.abs().max().item():>15.2%}")
+        # "reference": the weights' quantization alone, in float32; "vnni": plus inputs rounded to int8 per 32
+        for kernel in ("reference", "vnni") if kernels.vnni.available() else ("reference",):
+            for module in model.modules():
+                if isinstance(module, (Int8Linear, Int4Linear)):
+                    module.kernel = kernel
+            with torch.inference_mode():
+                logits = model(ids).float()
+            diff = (logits - reference).abs().max().item()
+            label = _label(quant) + (", vnni" if kernel == "vnni" else "")
+            print(f"{label:<34}{perplexity(logits, ids):>12.3f}{diff:>18.4f}{diff / reference.abs().max().item():>15.2%}")
 
 
 def _label(quant: QuantConfig) -> str:
@@ -293,6 +325,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="quality: tokens of the text to score")
     p.add_argument("--prompt", type=int, default=256, help="full: prompt tokens")
     p.add_argument("--new", type=int, default=32, help="full: tokens decoded")
+    p.add_argument("--rows", default=[1, 2, 4, 8, 16, 32, 48, 64, 128, 256],
+                   type=lambda s: [int(r) for r in s.split(",")], help="rows: comma-separated row counts")
+    p.add_argument("--rounds", type=int, default=3, help="kernels: interleaved rounds per shape (best is kept)")
+    p.add_argument("--shapes", default=None, help="kernels: comma-separated subset of " +
+                   ",".join(name for name, _, _ in SHAPES_6B))
     args = p.parse_args()
     print(f"torch {torch.__version__}; int4 checkpoint layout native to the CPU kernel: "
           f"{kernels.cpu_int4_layout_is_native()}")

@@ -2,7 +2,10 @@
 
 Tolerances are derived, not tuned: a dequantized weight is within s/2 of the float one (plus the
 bfloat16 rounding of an asymmetric zero, |z| * 2^-8), so a product with x is within sum |x| * that bound;
-a bfloat16 kernel adds the rounding of its inputs and output, at most 2^-7 of |x| @ |W|.
+a bfloat16 kernel adds the rounding of its inputs and output, at most 2^-7 of |x| @ |W|. The VNNI kernels
+also quantize x to int8 per block of 32 inputs: each x is within dx/2 of dx * round(x / dx), dx = max|x| / 127
+of its block (plus 2^-10 of dx for float32 reciprocal rounding), so they add at most |W| @ (dx / 2) to the
+product (`activation_bound`; tests/test_quant_vnni.py checks the kernels against that rounding exactly).
 """
 
 from __future__ import annotations
@@ -120,7 +123,15 @@ def test_quantized_linear_is_within_the_scales_of_the_float_linear(scheme):
 # ---- every kernel path equals the reference -----------------------------------------------------------------
 
 def kernel_names(device: str) -> list[str]:
-    return ["cpu", "float32"] if device == "cpu" else ["cuda"]
+    return ["vnni", "cpu", "float32"] if device == "cpu" else ["cuda"]
+
+
+def activation_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(M, N) bound on |(x - x_int8) @ W.T| for x (M, K) quantized to int8 per block of 32 inputs."""
+    M, K = x.shape
+    padded = F.pad(x.float().abs(), (0, -K % 32)).view(M, -1, 32)
+    dx = padded.amax(-1, keepdim=True).expand(-1, -1, 32).reshape(M, -1)[:, :K] / 127
+    return (dx * (0.5 + 2**-10)) @ weight.abs().t()
 
 
 def check_kernels_match_reference(device: str, scheme: Scheme, n: int, k: int, rows: int) -> None:
@@ -133,6 +144,9 @@ def check_kernels_match_reference(device: str, scheme: Scheme, n: int, k: int, r
     magnitude = x.float().abs() @ layer.dequantize().abs().t()  # |x| @ |W|
     if layer.bias is not None:
         magnitude += layer.bias.float().abs()
+    tolerance = {name: 2**-7 * magnitude + 1e-6 for name in kernel_names(device)}
+    if "vnni" in tolerance:
+        tolerance["vnni"] = tolerance["vnni"] + activation_bound(x, layer.dequantize())
     for name in kernel_names(device):
         layer.kernel = name
         try:
@@ -141,9 +155,10 @@ def check_kernels_match_reference(device: str, scheme: Scheme, n: int, k: int, r
             assert "does not apply" in str(e)
             continue
         assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-        assert ((got.float() - want).abs() <= 2**-7 * magnitude + 1e-6).all(), name
+        assert ((got.float() - want).abs() <= tolerance[name]).all(), name
     layer.kernel = "auto"
-    assert ((layer(x).float() - want).abs() <= 2**-7 * magnitude + 1e-6).all()
+    chosen = "vnni" if kernels.choose(layer, x) in (kernels.vnni_int8, kernels.vnni_int4) else kernel_names(device)[-1]
+    assert ((layer(x).float() - want).abs() <= tolerance[chosen]).all()
 
 
 SHAPES = [(37, 128), (64, 256), (100, 64 * 3), (320, 128)]  # odd and padded output counts
@@ -151,17 +166,22 @@ SHAPES = [(37, 128), (64, 256), (100, 64 * 3), (320, 128)]  # odd and padded out
 
 @pytest.mark.parametrize("scheme, n, k", [(scheme, n, k) for scheme in SCHEMES for n, k in SHAPES
                                           if k % max(scheme.group_size, 1) == 0], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, kernels.INT4_KERNEL_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("rows", [1, 3, 17, kernels.INT4_KERNEL_MAX_ROWS + 1])
 def test_cpu_kernels_equal_the_reference(scheme, n, k, rows):
     check_kernels_match_reference("cpu", scheme, n, k, rows)
 
 
-def test_auto_uses_the_integer_kernels_for_few_rows_and_float32_for_many():
+def test_auto_uses_the_vnni_kernels_else_torchs_for_few_rows_and_float32_for_many(monkeypatch):
     layer = Int4Linear.from_float(torch.nn.Linear(128, 64), Scheme(4, 32, True))
+    grouped_int8 = Int8Linear.from_float(torch.nn.Linear(128, 64), Scheme(8, 32, True))
+    if kernels.vnni.available():  # glmkit's kernels take every row count of every layout
+        for rows in (1, 300):
+            assert kernels.choose(layer, torch.zeros(rows, 128)) is kernels.vnni_int4
+            assert kernels.choose(grouped_int8, torch.zeros(rows, 128)) is kernels.vnni_int8
+    monkeypatch.setattr(kernels.vnni, "available", lambda: False)  # as on a CPU without them
     assert kernels.choose(layer, torch.zeros(1, 128)) is kernels.cpu_int4
     assert kernels.choose(layer, torch.zeros(kernels.INT4_KERNEL_MAX_ROWS + 1, 128)) is kernels.float32_int4
-    grouped_int8 = Int8Linear.from_float(torch.nn.Linear(128, 64), Scheme(8, 32, True))
-    assert kernels.choose(grouped_int8, torch.zeros(1, 128)) is kernels.float32_int8  # the int8 kernel: rows only
+    assert kernels.choose(grouped_int8, torch.zeros(1, 128)) is kernels.float32_int8  # torch's int8 kernel: rows only
     layer.kernel = "nonsense"
     with pytest.raises(ValueError, match="unknown kernel"):
         layer(torch.zeros(1, 128))
@@ -236,6 +256,9 @@ def test_quantized_tiny_model_decodes_as_its_dequantized_float_twin(quant):
     set_kernel(model, "reference")
     prompt = torch.tensor([[1000, 1001, 5, 17, 3, 99, 42, 7]])
     assert greedy(model, prompt, 12) == greedy(twin, prompt, 12)
+    if kernels.vnni.available():  # activations rounded to int8 per 32 inputs: the same tokens still
+        set_kernel(model, "vnni")
+        assert greedy(model, prompt, 12) == greedy(twin, prompt, 12)
     # The fast kernels, in bfloat16, stay close to the float32 twin.
     fast = quantize_model(tiny_model(0, **small_vocab), quant, torch.bfloat16)
     with torch.no_grad():

@@ -6,13 +6,25 @@
 Two verbs, as in gpt-fast: a state-dict transform (float weight -> integer weight + bfloat16 scales) and a
 module swap (`Int8Linear` / `Int4Linear` / `QuantizedEmbedding` for nn.Linear / nn.Embedding). The model
 file does not change. Parts: `scheme` (settings and math), `layout` (memory and checkpoint layout),
-`kernels` (the matrix products), `linear` (the layers), `convert` (the model swap), `checkpoint`
-(writing and memory-mapping quantized checkpoints).
+`kernels` (the matrix products), `vnni` (the compiled CPU kernels of csrc/), `linear` (the layers),
+`convert` (the model swap), `checkpoint` (writing and memory-mapping quantized checkpoints).
 """
 
-from .convert import QuantizedChatGLMForCausalLM, layer_schemes, quantize_model, quantized_skeleton
+from .convert import (
+    QuantizedChatGLMForCausalLM,
+    layer_schemes,
+    quantize_model,
+    quantized_skeleton,
+)
 from .linear import Int4Linear, Int8Linear, QuantizedEmbedding, quantized_tensors
-from .scheme import QuantConfig, QuantConfigError, Scheme, as_quant_config, dequantize, quantize
+from .scheme import (
+    QuantConfig,
+    QuantConfigError,
+    Scheme,
+    as_quant_config,
+    dequantize,
+    quantize,
+)
 
 __all__ = ["Int4Linear", "Int8Linear", "QuantConfig", "QuantConfigError", "QuantizedChatGLMForCausalLM",
            "QuantizedEmbedding", "Scheme", "as_quant_config", "dequantize", "layer_schemes", "quantize",

@@ -33,6 +33,7 @@ from ..loader import (
     _names,
     map_safetensors,
 )
+from . import vnni
 from .scheme import QuantConfig, QuantConfigError, as_quant_config
 
 CONFIG_KEY = "quantization"  # in config.json
@@ -151,6 +152,8 @@ def load_quantized_weights(model, folder: Path, device: torch.device, skip: str 
         model.load_state_dict(placed, strict=False, assign=True)
         loaded.update(placed)
     _check_missing(files.source, set(expected) - loaded, model.config, by_index=False)
+    if device.type == "cpu":
+        vnni.available()  # load (or build, once per machine) the CPU kernels now, not at the first prompt
 
 
 def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

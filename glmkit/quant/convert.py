@@ -77,7 +77,7 @@ def quantize_model(model: ChatGLMForCausalLM, quant: QuantConfig,
     dtype: the activations' (and biases') dtype; default the model's. Returns the model, for inference.
     """
     if isinstance(model, QuantizedChatGLMForCausalLM):
-        raise ValueError(f"the model is already quantized ({model.quant_config.mode})")
+        raise ValueError(f"the model is already quantized ({model.quant_config.mode})")  # noqa: TRY004 (a state)
     dtype = dtype or model.dtype
     for name, scheme in layer_schemes(model, quant).items():
         parent_name, _, child = name.rpartition(".")

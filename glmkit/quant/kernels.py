@@ -5,13 +5,16 @@ device, row count and what the layer allows; a layer's `kernel` attribute overri
 and benchmarks use it). Every kernel is tested against `reference`, which dequantizes the whole weight
 to float32 and multiplies: slow, obviously right, and the fallback wherever no kernel applies.
 
-Measured on a 2-core AVX-512 CPU at ChatGLM3-6B's shapes (benchmarks/bench_quant.py):
-- one row (decode): torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` with bfloat16
-  activations; float32 or float16 activations make them 30-100x slower, so activations are cast.
-- many rows (prefill): these kernels run at about half the speed of a float32 matmul; above
-  `*_KERNEL_MAX_ROWS` rows the weight is dequantized to float32 a few blocks at a time and multiplied in
-  float32 (as `glmkit.packed` does for bfloat16 weights): at 256 rows within a few percent of the
-  bfloat16 path (benchmarks/bench_quant.py rows).
+Measured on a 2-core AVX-512 CPU at ChatGLM3-6B's shapes (benchmarks/bench_quant.py kernels / rows):
+- CPU, any number of rows: glmkit's VNNI kernels (`vnni.py`, csrc/vnni_linear.cpp: inputs quantized to
+  int8 per 32 values, integer dot products, the checkpoint layout read in place). One row (decode) runs at
+  the memory bandwidth (int4 and int8 about 100% of a streaming read with one thread; torch's int4 kernel
+  66%, its int8 kernel 80%); a 256-row prompt about 3x faster than the bfloat16 path (4608 x 4096, one
+  thread: int8 24 ms, int4 26 ms, bfloat16 74 ms, the float32 paths below 78-82 ms).
+- CPU without them (no compiler, no AVX-512 VNNI): few rows through torch's `_weight_int8pack_mm` /
+  `_weight_int4pack_mm_for_cpu` with bfloat16 activations (float32 or float16 activations make those
+  30-100x slower, so activations are cast); above `*_KERNEL_MAX_ROWS` rows the weight is dequantized to
+  float32 a few blocks at a time and multiplied in float32 (as `glmkit.packed` does for bfloat16 weights).
 - CUDA: torch's tinygemm int4 kernel (`_weight_int4pack_mm`, after `_convert_weight_to_int4pack`) and
   `_weight_int8pack_mm` where the build has it, else a dequantize-and-multiply in the activations' dtype.
 """
@@ -24,10 +27,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import vnni
 from .layout import BLOCK_N, pack_int4_blocked, pack_int4_rows, unpack_int4_blocked
 
-# Above these many rows, dequantizing to float32 blocks and multiplying beats the integer kernels
-# (benchmarks/bench_quant.py rows: at 4096 x 4608, 1 thread, they cross between 32 and 64 rows).
+# Without the VNNI kernels: above these many rows, dequantizing to float32 blocks and multiplying beats
+# torch's integer kernels (benchmarks/bench_quant.py rows: at 4096 x 4608, 1 thread, they cross between 32
+# and 64 rows).
 INT8_KERNEL_MAX_ROWS = 48
 INT4_KERNEL_MAX_ROWS = 48
 # Float32 weights the long-input path dequantizes at a time. Measured at 256 rows, 4096 x 4608, 2 threads:
@@ -35,7 +40,7 @@ INT4_KERNEL_MAX_ROWS = 48
 # larger steps make fewer, larger matrix products, smaller ones keep the scratch in L2.
 FLOAT32_SCRATCH_BYTES = 8 * 2**20
 
-KERNELS = ("auto", "reference", "cpu", "float32", "cuda")
+KERNELS = ("auto", "reference", "vnni", "cpu", "float32", "cuda")
 
 Kernel = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
@@ -45,7 +50,43 @@ def reference(layer, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), layer.dequantize()).to(x.dtype)
 
 
-# ---- CPU -------------------------------------------------------------------------------------------------
+def input_grad(layer, grad: torch.Tensor) -> torch.Tensor:
+    """grad (M, N) @ W (N, K): the gradient of a quantized linear's input, W dequantized to float32 a few rows at
+    a time (FLOAT32_SCRATCH_BYTES), so training over a large layer never holds its float copy."""
+    N, K = layer.out_features, layer.in_features
+    step = max(BLOCK_N, FLOAT32_SCRATCH_BYTES // (4 * K) // BLOCK_N * BLOCK_N)
+    g = grad.float()
+    out = torch.zeros(g.shape[0], K, dtype=torch.float32, device=grad.device)
+    for start in range(0, N, step):
+        stop = min(N, start + step)
+        out.addmm_(g[:, start:stop], layer.dequantize_rows(start, stop))
+    return out.to(grad.dtype)
+
+
+# ---- CPU: glmkit's VNNI kernels ----------------------------------------------------------------------------
+
+def vnni_int8(layer, x: torch.Tensor) -> torch.Tensor:
+    """int8 weights (any group size) times x quantized to int8 per 32 inputs; reads the stored weight."""
+    return torch.ops.glmkit_vnni.int8_linear(_vnni_input(x), layer.weight, layer.scales, layer.zeros,
+                                             layer.group_size).to(x.dtype)
+
+
+def vnni_int4(layer, x: torch.Tensor) -> torch.Tensor:
+    """int4 weights in the checkpoint's blocked layout times x quantized to int8 per 32 inputs."""
+    return torch.ops.glmkit_vnni.int4_linear(_vnni_input(x), layer.weight, layer.scales_and_zeros,
+                                             layer.group_size, layer.out_features).to(x.dtype)
+
+
+def _vnni_input(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
+
+
+def vnni_applies(layer) -> bool:
+    """Every int8 / int4 layout on a CPU that runs the library (int4 groups are multiples of 32)."""
+    return layer.weight.device.type == "cpu" and vnni.available()
+
+
+# ---- CPU: torch's kernels -----------------------------------------------------------------------------------
 
 @functools.cache
 def _has_op(name: str) -> bool:
@@ -220,13 +261,15 @@ def _cuda_int8pack_works(device: torch.device) -> bool:
 
 _BY_NAME: dict[tuple[int, str], Kernel] = {
     (8, "reference"): reference, (4, "reference"): reference,
+    (8, "vnni"): vnni_int8, (4, "vnni"): vnni_int4,
     (8, "cpu"): cpu_int8, (4, "cpu"): cpu_int4,
     (8, "float32"): float32_int8, (4, "float32"): float32_int4,
     (8, "cuda"): cuda_int8, (4, "cuda"): cuda_int4,
 }
 
 
-_APPLIES = {(8, "cpu"): cpu_int8_applies, (4, "cpu"): cpu_int4_applies, (4, "cuda"): cuda_int4_applies}
+_APPLIES = {(8, "vnni"): vnni_applies, (4, "vnni"): vnni_applies, (8, "cpu"): cpu_int8_applies,
+            (4, "cpu"): cpu_int4_applies, (4, "cuda"): cuda_int4_applies}
 
 
 def choose(layer, x: torch.Tensor) -> Kernel:
@@ -240,6 +283,8 @@ def choose(layer, x: torch.Tensor) -> Kernel:
             raise ValueError(f"kernel {name!r} does not apply to {layer}")
         return _BY_NAME[bits, name]
     if x.device.type == "cpu":
+        if vnni_applies(layer):  # fastest at every row count; the first call loads (or builds) the library
+            return _BY_NAME[bits, "vnni"]
         max_rows, applies = ((INT8_KERNEL_MAX_ROWS, cpu_int8_applies) if bits == 8
                              else (INT4_KERNEL_MAX_ROWS, cpu_int4_applies))
         if x.shape[0] <= max_rows and applies(layer):

@@ -4,6 +4,8 @@ Each holds its quantized tensors as buffers named as in the checkpoint (`layout.
 checkpoint loads with `load_state_dict` and `state_dict()` writes it back unchanged. `from_float`
 quantizes a float layer (the state-dict transform of one layer, `quantized_tensors`, plus the swap).
 Forward picks a kernel per call (`kernels.choose`); `kernel = "reference"` forces the dequantize path.
+The quantized weights are frozen buffers, but an input that requires grad gets one (through the dequantized
+weight), so adapters (glmkit.lora) train on top of quantized layers.
 """
 
 from __future__ import annotations
@@ -78,8 +80,13 @@ class _QuantizedLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects {self.in_features} input features, got {x.shape[-1]}")
         x2 = x.reshape(-1, self.in_features)
-        y = kernels.choose(self, x2)(self, x2)
+        if x2.requires_grad and torch.is_grad_enabled():
+            y = _InputGrad.apply(x2, self)
+        else:
+            y = kernels.choose(self, x2)(self, x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -102,6 +109,20 @@ class _QuantizedLinear(nn.Module):
                 f"{group}, symmetric={self.symmetric}")
 
 
+class _InputGrad(torch.autograd.Function):
+    """y = kernel(x) forward (autograd off: kernels write into `out=` buffers); backward, the input's gradient
+    grad @ W with W the dequantized weight. The weight and bias are buffers: they get none."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: _QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return kernels.choose(layer, x)(layer, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return kernels.input_grad(ctx.layer, grad), None
+
+
 class Int8Linear(_QuantizedLinear):
     """nn.Linear with int8 weights: W = q * scale (+ zero) per group; weight (N, K) int8, scales (N, G)."""
     bits = 8
@@ -117,7 +138,12 @@ class Int8Linear(_QuantizedLinear):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight this layer stands for."""
-        return dequantize(self.weight, self.scales, self.zeros, self.scheme)
+        return self.dequantize_rows(0, self.out_features)
+
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of the float32 weight."""
+        zeros = None if self.zeros is None else self.zeros[start:stop]
+        return dequantize(self.weight[start:stop], self.scales[start:stop], zeros, self.scheme)
 
 
 class Int4Linear(_QuantizedLinear):
@@ -141,9 +167,16 @@ class Int4Linear(_QuantizedLinear):
         return None  # part of scales_and_zeros
 
     def dequantize(self) -> torch.Tensor:
-        q = unpack_int4_blocked(self.weight, self.out_features)
+        """The float32 (N, K) weight this layer stands for."""
+        return self.dequantize_rows(0, self.out_features)
+
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of the float32 weight (unpacking only the 64-row blocks that hold them)."""
+        first, last = start // BLOCK_N, -(-stop // BLOCK_N)
+        q = unpack_int4_blocked(self.weight[first:last], (last - first) * BLOCK_N)
+        q = q[start - first * BLOCK_N:stop - first * BLOCK_N]
         scales, zeros = split_scales_and_zeros(self.scales_and_zeros, self.out_features)
-        return dequantize(q, scales, zeros, self.scheme)
+        return dequantize(q, scales[start:stop], zeros[start:stop], self.scheme)
 
 
 class QuantizedEmbedding(nn.Module):

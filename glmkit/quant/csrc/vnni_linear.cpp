@@ -1,0 +1,573 @@
+// Weight-only int4 / int8 linears on AVX-512 VNNI CPUs: the decode step (one or a few input rows) at the
+// memory bandwidth, and prompts (many rows) as integer matrix products.
+//
+// Decoding reads every weight once per token, so it should run at the memory bandwidth; torch's int4 CPU
+// kernel is compute-bound here (it converts every weight to bfloat16). These kernels keep the arithmetic in
+// integers instead: each input row is quantized to int8 in blocks of 32 (dx = max|x| / 127, xq = round(x / dx)),
+// then weights and xq meet in `vpdpbusd` (u8 x s8, four products summed into an int32 lane), and the float
+// scales are applied once per 32 inputs (dx) and once per weight group (s, z).
+//
+// int4, read in the checkpoint layout (glmkit/quant/layout.py), no copy: weight (B, K, 32) uint8, byte
+// [b, k, j] = q[64b + j, k] | q[64b + 32 + j, k] << 4, and scales_and_zeros (G, 64B, 2) bfloat16. Four inputs
+// of a block are 128 contiguous bytes; one `vpermt2b` gathers them into (row j: k, k+1, k+2, k+3) dwords, so
+// a register holds 16 rows x 4 inputs: the lane layout `vpdpbusd` sums, against xq[k..k+3] broadcast. q is
+// 0..15 (unsigned), so with W = (q - 8) s + z per group:
+//     W . x = sum_groups  s * sum(q * x) + (z - 8 s) * sum(x),    x ~ dx * xq per block of 32.
+// int8, row-major weight (N, K), scales (N, G) and zeros: `vpdpbusd` wants one unsigned operand, so the weight
+// is read as q + 128 (xor 0x80) and 128 * sum(x) is taken off again:
+//     W . x = sum_groups  s * (sum((q + 128) * x) - 128 sum(x)) + z * sum(x).
+// For few rows, a zmm holds 64 inputs of one weight row (two activation blocks: their dx fill lanes 0-7 and
+// 8-15 of a multiplier vector); for many rows, tiles of 16 weight rows are unpacked once into the int4 lane
+// layout and shared by all inputs (see "many input rows" below).
+//
+// Threads split the output rows (at::parallel_for): each streams its own contiguous part of the weight.
+// Compiled with -mavx512f/bw/vl/vnni/vbmi; the Python side checks the CPU before loading this library.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 32;  // inputs per activation scale
+constexpr int64_t ROWS4 = 64;  // output rows per int4 block (layout.BLOCK_N)
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The input rows, quantized: q (M, Kp) int8 with Kp = K rounded up to 64 (zeros past K), and per block of 32
+// the scale dx and dx * sum(q) (the block's sum of x, as the kernels see x).
+struct Activations {
+  int64_t M, K, Kp, blocks;
+  int64_t Mp;  // rows held: M rounded up for the tiled kernels, the extra rows all zero
+  std::vector<int8_t> q;
+  std::vector<float> dx, xsum;
+  std::vector<float> lanes;  // (M, Kp / 64, 16): dx of inputs 0-31 of each 64 in lanes 0-7, of 32-63 in 8-15
+
+  const int8_t* row(int64_t m) const { return q.data() + m * Kp; }
+};
+
+template <typename T>
+void quantize_row(const T* x, int64_t K, int64_t Kp, int8_t* q, float* dx, float* xsum) {
+  for (int64_t b = 0; b < Kp / BLOCK; ++b) {
+    const int64_t k = b * BLOCK;
+    __m512 v0 = load16(x + k, mask16(K - k)), v1 = load16(x + k + 16, mask16(K - k - 16));
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));  // round half to even
+    __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k + 16), _mm512_cvtsepi32_epi8(i1));
+    dx[b] = amax / 127.0f;
+    xsum[b] = dx[b] * float(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+  }
+}
+
+Activations quantize_activations(const at::Tensor& x, bool lanes, int64_t row_multiple = 1) {
+  TORCH_CHECK(x.dim() == 2, "expected input rows (M, K), got ", x.dim(), " dimensions");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "inputs must be float32 or bfloat16, got ", x.scalar_type());
+  at::Tensor xc = x.contiguous();
+  Activations a;
+  a.M = x.size(0), a.K = x.size(1), a.Kp = round_up(a.K, 64), a.blocks = a.Kp / BLOCK;
+  a.Mp = round_up(a.M, row_multiple);
+  a.q.resize(a.Mp * a.Kp);
+  a.dx.resize(a.Mp * a.blocks);
+  a.xsum.resize(a.Mp * a.blocks);
+  if (lanes) a.lanes.resize(a.M * a.Kp / 4);
+  at::parallel_for(0, a.M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      int8_t* q = a.q.data() + m * a.Kp;
+      float* dx = a.dx.data() + m * a.blocks;
+      float* xs = a.xsum.data() + m * a.blocks;
+      if (xc.scalar_type() == at::kFloat)
+        quantize_row(xc.data_ptr<float>() + m * a.K, a.K, a.Kp, q, dx, xs);
+      else
+        quantize_row(xc.data_ptr<c10::BFloat16>() + m * a.K, a.K, a.Kp, q, dx, xs);
+      if (lanes)
+        for (int64_t b = 0; b < a.blocks; ++b)
+          for (int l = 0; l < 8; ++l) a.lanes[m * a.Kp / 4 + b * 8 + l] = dx[b];
+    }
+  });
+  return a;
+}
+
+// Per activation row and weight group: sum over the group's blocks of dx * sum(q), i.e. sum(x) of the group.
+std::vector<float> group_sums(const Activations& a, int64_t groups) {
+  const int64_t per_group = a.K / groups / BLOCK;  // the int4 and grouped int8 callers have K = groups * size
+  std::vector<float> out(a.Mp * groups, 0.0f);
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      const int64_t g = groups == 1 ? 0 : b / per_group;
+      if (g < groups) out[m * groups + g] += a.xsum[m * a.blocks + b];
+    }
+  return out;
+}
+
+// Results go straight into the output tensor, float32 or bfloat16 (rounded to nearest even, as torch does).
+inline void store(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+inline void store(const float* src, c10::BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = mask16(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
+    __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+    u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));  // NaN
+    _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(u));
+  }
+}
+
+inline void store(float v, float* dst) { *dst = v; }
+inline void store(float v, c10::BFloat16* dst) { *dst = c10::BFloat16(v); }
+
+// ---- many input rows: tiles of 16 weight rows, unpacked once ------------------------------------------------
+//
+// For a prompt, each weight is used by every input row, so the unpacking is worth doing once: a tile of 16
+// output rows is laid out as one zmm per 4 inputs (row r's 4 weights, as u8, in dword r), with per group the
+// rows' scales S and offset terms C (W . x = S * sum(u * x) + C * sum(x); u = q for int4 with C = z - 8 s,
+// u = q + 128 for int8 with C = z - 128 s). TILE_M input rows then share each weight load.
+
+constexpr int64_t TILE_M = 8;  // input rows per pass (registers: 3 x 8 accumulators)
+constexpr int64_t TILED_MIN_ROWS = 8;  // fewer rows stream the weight (int4_block, int8_rows); measured: even at 8
+
+struct Tile {
+  std::vector<__m512i> w;  // (Kp / 4): 16 rows x 4 inputs each
+  std::vector<float> s, c;  // (groups, 16)
+  explicit Tile(int64_t Kp, int64_t groups) : w(Kp / 4), s(groups * 16), c(groups * 16) {}
+};
+
+// out (TILE_M, 16) float32: the tile's 16 outputs for input rows m0 .. m0 + TILE_M.
+void tile_product(const Tile& t, int64_t groups, int64_t blocks_per_group, const Activations& a, int64_t m0,
+                  const float* gsum, float* out) {
+  __m512 total[TILE_M];
+  for (int m = 0; m < TILE_M; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc_f[TILE_M];
+    for (int m = 0; m < TILE_M; ++m) acc_f[m] = _mm512_setzero_ps();
+    for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
+      const int64_t b = g * blocks_per_group + bb;
+      __m512i acc[TILE_M];
+      for (int m = 0; m < TILE_M; ++m) acc[m] = _mm512_setzero_si512();
+      for (int st = 0; st < 8; ++st) {
+        const __m512i w = _mm512_load_si512(&t.w[b * 8 + st]);
+        for (int m = 0; m < TILE_M; ++m) {
+          int32_t four;
+          std::memcpy(&four, a.row(m0 + m) + b * BLOCK + 4 * st, 4);
+          acc[m] = _mm512_dpbusd_epi32(acc[m], w, _mm512_set1_epi32(four));
+        }
+      }
+      for (int m = 0; m < TILE_M; ++m)
+        acc_f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(a.dx[(m0 + m) * a.blocks + b]), acc_f[m]);
+    }
+    const __m512 sv = _mm512_loadu_ps(&t.s[g * 16]), cv = _mm512_loadu_ps(&t.c[g * 16]);
+    for (int m = 0; m < TILE_M; ++m)
+      total[m] = _mm512_fmadd_ps(acc_f[m], sv, _mm512_fmadd_ps(cv, _mm512_set1_ps(gsum[(m0 + m) * groups + g]), total[m]));
+  }
+  for (int m = 0; m < TILE_M; ++m) _mm512_storeu_ps(out + m * 16, total[m]);
+}
+
+// Every input row through one tile; its outputs are columns n0 .. n0 + rows of y.
+template <typename Out>
+void tile_all_inputs(const Tile& t, int64_t groups, int64_t blocks_per_group, const Activations& a, const float* gsum,
+                     Out* y, int64_t N, int64_t n0, int64_t rows) {
+  alignas(64) float out[TILE_M * 16];
+  for (int64_t m0 = 0; m0 < a.M; m0 += TILE_M) {
+    tile_product(t, groups, blocks_per_group, a, m0, gsum, out);
+    for (int64_t m = 0; m < std::min(TILE_M, a.M - m0); ++m) store(out + m * 16, y + (m0 + m) * N + n0, rows);
+  }
+}
+
+// How far ahead the int4 kernel asks for its weight bytes. A thread reads one sequential stream, which the
+// hardware prefetcher alone keeps too few lines ahead of: 75% of the bandwidth without this, about 93% with
+// 2-8 KB (one thread, 4608 x 4096 and 4096 x 13696).
+constexpr int64_t PREFETCH_BYTES = 4096;
+
+// ---- int4 --------------------------------------------------------------------------------------------------
+
+// vpermt2b indices: dword j of the result is (k0, k1, k2, k3) of row j (idx1) or row 16 + j (idx2), from the
+// 128 bytes [k0: rows 0-31][k1][k2][k3] of four consecutive inputs of a block.
+inline void int4_gather_indices(__m512i& idx1, __m512i& idx2) {
+  alignas(64) uint8_t i1[64], i2[64];
+  for (int j = 0; j < 16; ++j)
+    for (int t = 0; t < 4; ++t) i1[4 * j + t] = uint8_t(32 * t + j), i2[4 * j + t] = uint8_t(32 * t + 16 + j);
+  idx1 = _mm512_load_si512(i1), idx2 = _mm512_load_si512(i2);
+}
+
+// A block of 64 rows as four tiles (rows 0-15, 16-31, 32-47, 48-63), with their scales and offset terms.
+void int4_tiles(const uint8_t* wb, const uint32_t* sz, int64_t n_pad, int64_t block, int64_t K, int64_t groups,
+                std::vector<Tile>& tiles) {
+  __m512i idx1, idx2;
+  int4_gather_indices(idx1, idx2);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t st = 0; st < K / 4; ++st) {
+    const __m512i lo = _mm512_loadu_si512(wb + st * 128), hi = _mm512_loadu_si512(wb + st * 128 + 64);
+    const __m512i z1 = _mm512_permutex2var_epi8(lo, idx1, hi), z2 = _mm512_permutex2var_epi8(lo, idx2, hi);
+    _mm512_store_si512(&tiles[0].w[st], _mm512_and_si512(z1, low));
+    _mm512_store_si512(&tiles[1].w[st], _mm512_and_si512(z2, low));
+    _mm512_store_si512(&tiles[2].w[st], _mm512_and_si512(_mm512_srli_epi16(z1, 4), low));
+    _mm512_store_si512(&tiles[3].w[st], _mm512_and_si512(_mm512_srli_epi16(z2, 4), low));
+  }
+  const __m512i high_half = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  for (int64_t g = 0; g < groups; ++g)
+    for (int r = 0; r < 4; ++r) {
+      const __m512i v = _mm512_loadu_si512(sz + g * n_pad + block * ROWS4 + 16 * r);
+      const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      const __m512 zv = _mm512_castsi512_ps(_mm512_and_si512(v, high_half));
+      _mm512_storeu_ps(&tiles[r].s[g * 16], sv);
+      _mm512_storeu_ps(&tiles[r].c[g * 16], _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv));
+    }
+}
+
+// One block of 64 output rows for MR input rows: out (MR, 64) float32.
+template <int MR>
+void int4_block(const uint8_t* wb, const uint32_t* sz, int64_t n_pad, int64_t block, int64_t groups,
+                int64_t blocks_per_group, const Activations& a, int64_t m0, const float* gsum, float* out) {
+  __m512i idx1, idx2;
+  int4_gather_indices(idx1, idx2);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i high_half = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 64; ++r) out[m * 64 + r] = 0.0f;
+
+  for (int64_t g = 0; g < groups; ++g) {
+    if (g + 2 < groups) {  // the scales of a later group: a strided read the hardware would not foresee
+      const char* next = reinterpret_cast<const char*>(sz + (g + 2) * n_pad + block * ROWS4);
+      for (int line = 0; line < 4; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T0);
+    }
+    __m512 acc_f[MR][4];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < 4; ++r) acc_f[m][r] = _mm512_setzero_ps();
+    for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
+      const int64_t b = g * blocks_per_group + bb;
+      const uint8_t* p = wb + b * BLOCK * 32;  // 32 inputs x 32 bytes
+      __m512i acc[MR][4];
+      for (int m = 0; m < MR; ++m)
+        for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_si512();
+      for (int s = 0; s < 8; ++s) {
+        _mm_prefetch(reinterpret_cast<const char*>(p + s * 128 + PREFETCH_BYTES), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p + s * 128 + 64 + PREFETCH_BYTES), _MM_HINT_T0);
+        __m512i lo = _mm512_loadu_si512(p + s * 128), hi = _mm512_loadu_si512(p + s * 128 + 64);
+        __m512i z1 = _mm512_permutex2var_epi8(lo, idx1, hi), z2 = _mm512_permutex2var_epi8(lo, idx2, hi);
+        __m512i w0 = _mm512_and_si512(z1, low);                          // rows 0-15
+        __m512i w1 = _mm512_and_si512(z2, low);                          // rows 16-31
+        __m512i w2 = _mm512_and_si512(_mm512_srli_epi16(z1, 4), low);   // rows 32-47
+        __m512i w3 = _mm512_and_si512(_mm512_srli_epi16(z2, 4), low);   // rows 48-63
+        for (int m = 0; m < MR; ++m) {
+          int32_t four;
+          std::memcpy(&four, a.row(m0 + m) + b * BLOCK + 4 * s, 4);
+          const __m512i xb = _mm512_set1_epi32(four);
+          acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], w0, xb);
+          acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], w1, xb);
+          acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], w2, xb);
+          acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], w3, xb);
+        }
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m512 d = _mm512_set1_ps(a.dx[(m0 + m) * a.blocks + b]);
+        for (int r = 0; r < 4; ++r) acc_f[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][r]), d, acc_f[m][r]);
+      }
+    }
+    const uint32_t* pairs = sz + g * n_pad + block * ROWS4;  // (scale, zero) of 64 rows
+    for (int r = 0; r < 4; ++r) {
+      const __m512i v = _mm512_loadu_si512(pairs + 16 * r);
+      const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, high_half));
+      const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);  // z - 8 s
+      for (int m = 0; m < MR; ++m) {
+        float* o = out + m * 64 + 16 * r;
+        __m512 y = _mm512_fmadd_ps(c, _mm512_set1_ps(gsum[(m0 + m) * groups + g]), _mm512_loadu_ps(o));
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(acc_f[m][r], s, y));
+      }
+    }
+  }
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales_and_zeros,
+                       int64_t group_size, int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2, "expected input rows (M, K), got ", x.dim(), " dimensions");
+  TORCH_CHECK(weight.dim() == 3 && weight.size(2) == 32 && weight.scalar_type() == at::kByte,
+              "int4 weight must be uint8 (blocks, K, 32)");
+  const int64_t blocks = weight.size(0), K = weight.size(1), n_pad = blocks * ROWS4;
+  TORCH_CHECK(x.size(1) == K, "input has ", x.size(1), " features, the weight ", K);
+  TORCH_CHECK(group_size % BLOCK == 0 && group_size > 0 && K % group_size == 0,
+              "int4 group size ", group_size, " must be a multiple of 32 dividing ", K);
+  const int64_t groups = K / group_size;
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.dim() == 3 &&
+                  scales_and_zeros.size(0) == groups && scales_and_zeros.size(1) == n_pad &&
+                  scales_and_zeros.size(2) == 2,
+              "scales_and_zeros must be bfloat16 (", groups, ", ", n_pad, ", 2)");
+  TORCH_CHECK(out_features > n_pad - ROWS4 && out_features <= n_pad, "out_features ", out_features,
+              " does not match ", blocks, " blocks of 64 rows");
+  const at::Tensor w = weight.contiguous(), sz = scales_and_zeros.contiguous();
+  const bool tiled = x.size(0) >= TILED_MIN_ROWS;
+  const Activations a = quantize_activations(x, false, tiled ? TILE_M : 1);
+  const std::vector<float> gsum = group_sums(a, groups);
+  at::Tensor y = at::empty({a.M, out_features}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint32_t* szp = reinterpret_cast<const uint32_t*>(sz.data_ptr<c10::BFloat16>());
+  const int64_t M = a.M, per_group = group_size / BLOCK;
+  auto run = [&](auto* yp) {
+    if (tiled) {
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<Tile> tiles(4, Tile(a.Kp, groups));
+        for (int64_t b = begin; b < end; ++b) {
+          int4_tiles(wp + b * K * 32, szp, n_pad, b, K, groups, tiles);
+          for (int r = 0; r < 4; ++r) {
+            const int64_t n0 = b * ROWS4 + 16 * r, rows = std::min<int64_t>(16, out_features - n0);
+            if (rows > 0) tile_all_inputs(tiles[r], groups, per_group, a, gsum.data(), yp, out_features, n0, rows);
+          }
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) float out[2 * 64];
+      for (int64_t b = begin; b < end; ++b) {
+        const uint8_t* wb = wp + b * K * 32;
+        const int64_t rows = std::min<int64_t>(ROWS4, out_features - b * ROWS4);
+        for (int64_t m0 = 0; m0 < M; m0 += 2) {
+          const int mr = int(std::min<int64_t>(2, M - m0));
+          if (mr == 2)
+            int4_block<2>(wb, szp, n_pad, b, groups, per_group, a, m0, gsum.data(), out);
+          else
+            int4_block<1>(wb, szp, n_pad, b, groups, per_group, a, m0, gsum.data(), out);
+          for (int m = 0; m < mr; ++m) store(out + m * 64, yp + (m0 + m) * out_features + b * ROWS4, rows);
+        }
+      }
+    });
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(y.data_ptr<float>());
+  else
+    run(y.data_ptr<c10::BFloat16>());
+  return y;
+}
+
+// ---- int8 --------------------------------------------------------------------------------------------------
+
+// Sum over groups of (z - 128 s) * (group sum of x): the zero points and the +128 offset, per output row.
+inline float offset_terms(const uint16_t* s, const uint16_t* z, const float* gsum, int64_t groups) {
+  float total = 0.0f;
+  for (int64_t g = 0; g < groups; ++g)
+    total += ((z ? bf16_to_float(z[g]) : 0.0f) - 128.0f * bf16_to_float(s[g])) * gsum[g];
+  return total;
+}
+
+// R output rows starting at n0 for MR input rows. GROUPED 0: one scale per row (applied at the end);
+// 1: groups of 64 inputs or more (a zmm lies in one group); 2: groups of 32 (its halves in two groups).
+template <int MR, int R, int GROUPED>
+void int8_rows(const int8_t* w, int64_t K, const uint16_t* scales, const uint16_t* zeros, int64_t groups,
+               int64_t group_size, int64_t n0, const Activations& a, int64_t m0, const float* gsum, float* res) {
+  const int64_t steps = a.Kp / 64;
+  const __mmask64 tail = K % 64 ? (__mmask64)((1ull << (K % 64)) - 1) : ~(__mmask64)0;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const int64_t steps_per_group = GROUPED == 1 ? group_size / 64 : 1;
+  __m512 acc[MR][R], tot[MR][R];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = tot[m][r] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < steps; ++j) {
+    __m512i xv[MR];
+    __m512 dv[MR];
+    for (int m = 0; m < MR; ++m) {
+      xv[m] = _mm512_loadu_si512(a.row(m0 + m) + 64 * j);
+      dv[m] = _mm512_loadu_ps(a.lanes.data() + (m0 + m) * (a.Kp / 4) + 16 * j);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* wr = w + (n0 + r) * K + 64 * j;
+      __m512i wv = j + 1 < steps ? _mm512_loadu_si512(wr) : _mm512_maskz_loadu_epi8(tail, wr);
+      wv = _mm512_xor_si512(wv, flip);  // q + 128, unsigned
+      for (int m = 0; m < MR; ++m) {
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[m]);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv[m], acc[m][r]);
+      }
+    }
+    if (GROUPED == 1 && (j + 1) % steps_per_group == 0) {
+      const int64_t g = j / steps_per_group;
+      for (int r = 0; r < R; ++r) {
+        const __m512 s = _mm512_set1_ps(bf16_to_float(scales[(n0 + r) * groups + g]));
+        for (int m = 0; m < MR; ++m) tot[m][r] = _mm512_fmadd_ps(acc[m][r], s, tot[m][r]), acc[m][r] = _mm512_setzero_ps();
+      }
+    } else if (GROUPED == 2) {
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* sr = scales + (n0 + r) * groups;
+        const float s0 = bf16_to_float(sr[2 * j]), s1 = 2 * j + 1 < groups ? bf16_to_float(sr[2 * j + 1]) : 0.0f;
+        const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(s0), 0xFF00, _mm512_set1_ps(s1));
+        for (int m = 0; m < MR; ++m) tot[m][r] = _mm512_fmadd_ps(acc[m][r], s, tot[m][r]), acc[m][r] = _mm512_setzero_ps();
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    const uint16_t* s = scales + n * groups;
+    const uint16_t* z = zeros ? zeros + n * groups : nullptr;
+    for (int m = 0; m < MR; ++m) {
+      const float* gs = gsum + (m0 + m) * groups;
+      const float dot = GROUPED == 0 ? bf16_to_float(s[0]) * _mm512_reduce_add_ps(acc[m][r])
+                                     : _mm512_reduce_add_ps(tot[m][r]);
+      res[m * R + r] = dot + offset_terms(s, z, gs, groups);
+    }
+  }
+}
+
+template <int MR, int R, int GROUPED, typename Out>
+void int8_tile(const int8_t* w, int64_t K, const uint16_t* s, const uint16_t* z, int64_t groups, int64_t group_size,
+               int64_t n, const Activations& a, int64_t m0, const float* gsum, Out* y, int64_t N) {
+  float res[MR * R];
+  int8_rows<MR, R, GROUPED>(w, K, s, z, groups, group_size, n, a, m0, gsum, res);
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < R; ++r) store(res[m * R + r], y + (m0 + m) * N + n + r);
+}
+
+template <int R, int GROUPED, typename Out>
+void int8_rows_all_inputs(const int8_t* w, int64_t K, const uint16_t* s, const uint16_t* z, int64_t groups,
+                          int64_t group_size, int64_t n, const Activations& a, const float* gsum, Out* y, int64_t N) {
+  // The R weight rows stay in L1/L2 while every input row passes, four at a time.
+  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+    switch (std::min<int64_t>(4, a.M - m0)) {
+      case 4: int8_tile<4, R, GROUPED>(w, K, s, z, groups, group_size, n, a, m0, gsum, y, N); break;
+      case 3: int8_tile<3, R, GROUPED>(w, K, s, z, groups, group_size, n, a, m0, gsum, y, N); break;
+      case 2: int8_tile<2, R, GROUPED>(w, K, s, z, groups, group_size, n, a, m0, gsum, y, N); break;
+      default: int8_tile<1, R, GROUPED>(w, K, s, z, groups, group_size, n, a, m0, gsum, y, N);
+    }
+  }
+}
+
+template <int GROUPED, typename Out>
+void int8_all_rows(const int8_t* w, int64_t K, const uint16_t* s, const uint16_t* z, int64_t groups,
+                   int64_t group_size, int64_t begin, int64_t end, const Activations& a, const float* gsum, Out* y,
+                   int64_t N) {
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) int8_rows_all_inputs<4, GROUPED>(w, K, s, z, groups, group_size, n, a, gsum, y, N);
+  for (; n < end; ++n) int8_rows_all_inputs<1, GROUPED>(w, K, s, z, groups, group_size, n, a, gsum, y, N);
+}
+
+// Rows n0 .. n0 + rows of a row-major int8 weight as a tile (q + 128), by masked dword gathers down the rows.
+void int8_tile(const int8_t* w, int64_t K, const uint16_t* s, const uint16_t* z, int64_t groups, int64_t n0,
+               int64_t rows, Tile& t) {
+  const __mmask16 valid = mask16(rows);
+  const __m512i row_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(int32_t(K)));
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const int8_t* base = w + n0 * K;
+  for (int64_t st = 0; st < int64_t(t.w.size()); ++st) {
+    __m512i v = _mm512_setzero_si512();
+    if (4 * st < K)
+      v = _mm512_mask_i32gather_epi32(v, valid, _mm512_add_epi32(row_offsets, _mm512_set1_epi32(int32_t(4 * st))),
+                                      base, 1);
+    _mm512_store_si512(&t.w[st], _mm512_xor_si512(v, flip));
+  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int r = 0; r < 16; ++r) {
+      const float sc = r < rows ? bf16_to_float(s[(n0 + r) * groups + g]) : 0.0f;
+      const float zc = r < rows && z ? bf16_to_float(z[(n0 + r) * groups + g]) : 0.0f;
+      t.s[g * 16 + r] = sc, t.c[g * 16 + r] = zc - 128.0f * sc;
+    }
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& zeros, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2, "expected input rows (M, K), got ", x.dim(), " dimensions");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8 weight must be int8 (N, K)");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(1) == K, "input has ", x.size(1), " features, the weight ", K);
+  TORCH_CHECK(group_size == 0 || (group_size % BLOCK == 0 && K % group_size == 0),
+              "int8 group size ", group_size, " must be 0 or a multiple of 32 dividing ", K);
+  const int64_t groups = group_size == 0 ? 1 : K / group_size;
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == N * groups, "scales must be bfloat16 (",
+              N, ", ", groups, ")");
+  const at::Tensor w = weight.contiguous(), s = scales.contiguous();
+  at::Tensor z;
+  if (zeros.has_value()) {
+    z = zeros->contiguous();
+    TORCH_CHECK(z.scalar_type() == at::kBFloat16 && z.numel() == N * groups, "zeros must be bfloat16 like scales");
+  }
+  const bool tiled = x.size(0) >= TILED_MIN_ROWS && K % 4 == 0;  // the tile gathers whole dwords of a row
+  const Activations a = quantize_activations(x, !tiled, tiled ? TILE_M : 1);
+  const std::vector<float> gsum = group_sums(a, groups);
+  at::Tensor y = at::empty({a.M, N}, x.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<c10::BFloat16>());
+  const uint16_t* zp = z.defined() ? reinterpret_cast<const uint16_t*>(z.data_ptr<c10::BFloat16>()) : nullptr;
+  const int mode = group_size == 0 ? 0 : group_size == 32 ? 2 : 1;
+  auto run = [&](auto* yp) {
+    if (tiled) {
+      const int64_t per_group = group_size == 0 ? a.blocks : group_size / BLOCK;
+      at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+        Tile t(a.Kp, groups);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t n0 = 16 * i, rows = std::min<int64_t>(16, N - n0);
+          int8_tile(wp, K, sp, zp, groups, n0, rows, t);
+          tile_all_inputs(t, groups, per_group, a, gsum.data(), yp, N, n0, rows);
+        }
+      });
+      return;
+    }
+    // Chunks of 16 rows: whole 4-row steps for every thread but the last.
+    at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+      const int64_t lo = begin * 16, hi = std::min(N, end * 16);
+      if (mode == 0)
+        int8_all_rows<0>(wp, K, sp, zp, groups, group_size, lo, hi, a, gsum.data(), yp, N);
+      else if (mode == 1)
+        int8_all_rows<1>(wp, K, sp, zp, groups, group_size, lo, hi, a, gsum.data(), yp, N);
+      else
+        int8_all_rows<2>(wp, K, sp, zp, groups, group_size, lo, hi, a, gsum.data(), yp, N);
+    });
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(y.data_ptr<float>());
+  else
+    run(y.data_ptr<c10::BFloat16>());
+  return y;
+}
+
+// The activation quantization alone, for tests: (q (M, Kp) int8, dx (M, Kp / 32) float32).
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  const Activations a = quantize_activations(x, false);
+  at::Tensor q = at::empty({a.M, a.Kp}, x.options().dtype(at::kChar));
+  at::Tensor dx = at::empty({a.M, a.blocks}, x.options().dtype(at::kFloat));
+  std::memcpy(q.data_ptr<int8_t>(), a.q.data(), a.q.size());
+  std::memcpy(dx.data_ptr<float>(), a.dx.data(), a.dx.size() * 4);
+  return {q, dx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(glmkit_vnni, m) {
+  m.def("int4_linear(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? zeros, int group_size) -> Tensor");
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(glmkit_vnni, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("quantize_rows", &quantize_rows);
+}
