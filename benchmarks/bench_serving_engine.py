@@ -2,21 +2,26 @@
 
 A random-weight model of a mid-size shape (hidden 1024, 8 layers by default: big enough that the
 model, not Python, is the cost), bf16 with `pack_linears` on a CPU. N greedy requests with prompts of
-different lengths, each generating exactly --new tokens (no stop ids):
-  - sequential: `glmkit.generate.generate` on each request in turn;
-  - engine: all N added to one `LLMEngine` at once, stepped to completion.
-Rounds alternate the two (the machine may be shared); the best round of each is reported, with
-output tokens/s, the ratio, and how many replies are identical token for token (bf16 batched and
-single-row kernels round differently, so an occasional greedy tie may break differently).
+different lengths, all arriving at once, each generating exactly --new tokens (no stop ids):
+  - sequential: `glmkit.generate.generate_stream` on each request in turn;
+  - engine: all N added to one `LLMEngine`, stepped to completion.
+Rounds alternate the two (the machine may be shared); the best round of each is reported: output
+tokens/s, the ratio, time to first token and inter-token latency p50/p99 (what a long prompt's
+prefill does to the others shows in the ITL p99), and how many replies are identical token for
+token (bf16 batched and single-row kernels round differently, so greedy near-ties of a random-weight
+model may break differently). --profile prints torch.profiler's table of the engine's last round.
 
     python benchmarks/bench_serving_engine.py [--requests 16] [--prompt 64] [--new 64] [--rounds 2]
-        [--hidden 1024] [--layers 8] [--threads 2] [--max-batched-tokens 2048] [--profile]
+        [--hidden 1024] [--layers 8] [--threads 2] [--max-batched-tokens 512] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import itertools
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from glmkit.config import ModelConfig
 from glmkit.engine import LLMEngine
-from glmkit.generate import generate
+from glmkit.engine.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from glmkit.generate import generate, generate_stream
 from glmkit.model import ChatGLMForCausalLM
 from glmkit.packed import pack_linears
 from glmkit.sampling import SamplingParams
@@ -65,6 +71,51 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[in
     return [[64790, 64792] + torch.randint(100, vocab, (m - 2,), generator=g).tolist() for m in lengths]
 
 
+class Run:
+    """One backend's round: each request's token ids and the times its tokens came, from a common start."""
+
+    def __init__(self, n: int):
+        self.start = time.perf_counter()
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.times: list[list[float]] = [[] for _ in range(n)]
+
+    def add(self, i: int, token: int) -> None:
+        self.tokens[i].append(token)
+        self.times[i].append(time.perf_counter() - self.start)
+
+    @property
+    def wall(self) -> float:
+        return max(t[-1] for t in self.times)
+
+    def latencies_ms(self) -> dict[str, float]:
+        ttft = [t[0] for t in self.times]
+        itl = [b - a for t in self.times for a, b in itertools.pairwise(t)]
+        q_ttft, q_itl = statistics.quantiles(ttft, n=100), statistics.quantiles(itl, n=100)
+        return {"TTFT p50": 1e3 * statistics.median(ttft), "TTFT p99": 1e3 * q_ttft[98],
+                "ITL p50": 1e3 * statistics.median(itl), "ITL p99": 1e3 * q_itl[98]}
+
+
+def run_sequential(model, tok, prompts, params) -> Run:
+    run = Run(len(prompts))
+    for i, prompt in enumerate(prompts):
+        for delta in generate_stream(model, tok, prompt, params):
+            if delta.token_id is not None:
+                run.add(i, delta.token_id)
+    return run
+
+
+def run_engine(model, tok, prompts, params, max_batched_tokens: int) -> Run:
+    engine = LLMEngine(model, tok, max_num_seqs=max(64, len(prompts)), max_num_batched_tokens=max_batched_tokens)
+    index = {engine.add_request(p, params): i for i, p in enumerate(prompts)}
+    run = Run(len(prompts))
+    run.start = time.perf_counter()
+    while engine.has_unfinished():
+        for request_id, delta in engine.step():
+            if delta.token_id is not None:
+                run.add(index[request_id], delta.token_id)
+    return run
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=16)
@@ -75,8 +126,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-batched-tokens", type=int, default=2048, help="prefill tokens per step (padded)")
-    ap.add_argument("--profile", action="store_true", help="print where the engine's time goes")
+    ap.add_argument("--max-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                    help="prompt tokens per step (default: the engine's)")
+    ap.add_argument("--profile", action="store_true", help="print where the engine's time goes (torch.profiler)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -87,35 +139,31 @@ def main() -> int:
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
           f"{model.config.num_parameters() / 1e6:.0f}M parameters; {args.requests} requests, prompts "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.new} new tokens each; "
-          f"{args.threads} threads")
+          f"{args.threads} threads; engine: {args.max_batched_tokens} prompt tokens per step")
     generate(model, tok, prompts[0][:8], dataclasses.replace(params, max_new_tokens=4))  # warm up
 
-    best_seq = best_eng = float("inf")
+    best: dict[str, Run] = {}
     for r in range(args.rounds):
-        t = time.perf_counter()
-        sequential = [generate(model, tok, p, params) for p in prompts]
-        best_seq = min(best_seq, time.perf_counter() - t)
-
-        engine = LLMEngine(model, tok, max_num_seqs=max(64, args.requests),
-                           max_num_batched_tokens=args.max_batched_tokens)
-        t = time.perf_counter()
-        if args.profile and r == args.rounds - 1:
-            import cProfile
-            import pstats
-            with cProfile.Profile() as prof:
-                batched = engine.generate(prompts, params)
-            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
-        else:
-            batched = engine.generate(prompts, params)
-        best_eng = min(best_eng, time.perf_counter() - t)
-        same = sum(a.token_ids == b.token_ids for a, b in zip(sequential, batched))
-        print(f"round {r + 1}: sequential {args.requests * args.new / best_seq:.1f} tok/s, "
-              f"engine {args.requests * args.new / best_eng:.1f} tok/s; identical replies {same}/{args.requests}")
+        sequential = run_sequential(model, tok, prompts, params)
+        profiling = args.profile and r == args.rounds - 1
+        with torch.profiler.profile() if profiling else contextlib.nullcontext() as prof:
+            batched = run_engine(model, tok, prompts, params, args.max_batched_tokens)
+        if profiling:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        for name, run in (("sequential", sequential), ("engine", batched)):
+            if name not in best or run.wall < best[name].wall:
+                best[name] = run
+        same = sum(a == b for a, b in zip(sequential.tokens, batched.tokens))
+        print(f"round {r + 1}: sequential {args.requests * args.new / sequential.wall:.1f} tok/s, "
+              f"engine {args.requests * args.new / batched.wall:.1f} tok/s; identical replies {same}/{args.requests}")
 
     tokens = args.requests * args.new
-    print(f"\nsequential generate: {tokens / best_seq:7.1f} output tok/s ({best_seq:.2f} s)")
-    print(f"LLMEngine, {args.requests} at once: {tokens / best_eng:7.1f} output tok/s ({best_eng:.2f} s)")
-    print(f"ratio: {best_seq / best_eng:.2f}x")
+    print()
+    for name, label in (("sequential", "sequential generate"), ("engine", f"LLMEngine, {args.requests} at once")):
+        run = best[name]
+        latencies = "  ".join(f"{k} {v:.0f} ms" for k, v in run.latencies_ms().items())
+        print(f"{label:<24} {tokens / run.wall:7.1f} output tok/s ({run.wall:.2f} s)  {latencies}")
+    print(f"ratio: {best['sequential'].wall / best['engine'].wall:.2f}x")
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 from tiny import real_tokenizer, tiny_model
 
 from glmkit.engine import AsyncEngine, EngineStoppedError, LLMEngine
+from glmkit.engine import runner as runner_module
 from glmkit.generate import GREEDY, ContextLengthError, generate, generate_stream
 from glmkit.sampling import SamplingParams
 
@@ -147,6 +148,43 @@ def test_prompts_with_equal_new_token_counts_share_rows(model, tok):
     for p, got in zip(pair, engine.generate(pair, greedy(9))):
         assert got == generate(model, tok, p, greedy(9))
     assert engine.block_manager.hit_tokens - hits == 8
+
+
+@pytest.mark.parametrize("budget, call_tokens", [(5, 256), (12, 4)])
+def test_chunked_prompts_and_mixed_steps_equal_single_runs(model, tok, prompts, monkeypatch, budget, call_tokens):
+    """A few prompt tokens per step: prompts run in chunks beside the others' decoding, packed into
+    several model calls when PACKED_CALL_TOKENS is small; a shared prefix is reused across chunks."""
+    monkeypatch.setattr(runner_module, "PACKED_CALL_TOKENS", call_tokens)
+    system = prompt_ids(tok, "You are a helpful assistant. " * 3)
+    late = {1: system + tok.encode("Why?"), 3: prompts[5], 4: system + tok.encode("Name a fruit.")}
+    engine = LLMEngine(model, tok, block_size=4, max_num_batched_tokens=budget)
+    steps = []  # per step, per model call, the tokens each sequence fed
+    runner = engine.runner
+    real_forward, real_call = runner.forward, runner._forward_call
+    monkeypatch.setattr(runner, "forward", lambda seqs: steps.append([]) or real_forward(seqs))
+    monkeypatch.setattr(runner, "_forward_call", lambda seqs: steps[-1].append(
+        [s.num_scheduled_tokens for s in seqs]) or real_call(seqs))
+    ids = {engine.add_request(prompts[0], greedy(25)): prompts[0], engine.add_request(prompts[2], greedy(14)): prompts[2]}
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_unfinished() or step <= max(late):
+        if step in late:
+            ids[engine.add_request(late[step], greedy(6))] = late[step]
+        step += 1
+        for request_id, delta in engine.step():
+            if delta.token_id is not None:
+                tokens.setdefault(request_id, []).append(delta.token_id)
+    for request_id, p in ids.items():
+        n = 25 if p is prompts[0] else 14 if p is prompts[2] else 6
+        assert tokens[request_id] == generate(model, tok, p, greedy(n)).token_ids
+    assert engine.block_manager.hit_tokens >= len(system) // 4 * 4
+    # Decoding went on beside prompt chunks, in its own call first; no step went past the budget.
+    assert any(calls[0] == [1] * len(calls[0]) and len(calls) > 1 for calls in steps)
+    assert max(sum(n for call in calls for n in call if n > 1) for calls in steps) <= budget
+    prompt_calls = [call for calls in steps for call in calls if max(call) > 1]
+    assert all(len(call) == 1 or sum(call) <= call_tokens for call in prompt_calls)
+    if call_tokens < budget:  # prompts of one step were split over several calls
+        assert any(sum(max(call) > 1 for call in calls) > 1 for calls in steps)
 
 
 def test_preemption_under_a_tiny_cache_gives_equal_outputs(model, tok, prompts):

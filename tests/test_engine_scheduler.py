@@ -1,9 +1,11 @@
 """Block manager and scheduler, plain Python, driven by a fake runner (no torch, no model).
 
 The fake runner stands in for the KV pool: each slot holds the token prefix whose keys/values it would
-hold (a token's keys/values depend on every token up to it). Every step it checks that each sequence
-reads exactly its own prefix from its blocks — so a wrong block table, a bad prefix hit or a block
-reused while still in use shows up as a wrong read — and "predicts" the next token from the tokens.
+hold (a token's keys/values depend on every token up to it). Every step it computes the sequences in
+order, as the real runner does, and checks that each one reads exactly its own prefix from its
+blocks — so a wrong block table, a bad prefix hit, a block shared before it is computed or a block
+reused while still in use shows up as a wrong read — and "predicts" the next token of the sequences
+whose step reaches their last token.
 """
 
 from __future__ import annotations
@@ -31,17 +33,18 @@ class FakeRunner:
     def slot(self, seq: Sequence, i: int) -> int:
         return seq.block_table[i // self.bs] * self.bs + i % self.bs
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        for seq in seqs:  # the model writes every row's new keys/values before any row reads
-            assert len(seq.block_table) * self.bs >= seq.num_tokens, seq
-            for i in range(seq.num_cached_tokens, seq.num_tokens):
-                self.slots[self.slot(seq, i)] = tuple(seq.token_ids[:i + 1])
+    def run(self, seqs: list[Sequence]) -> list[int]:
+        """Tokens of the sequences that reach their last token. The real runner computes sequences in
+        order, several per model call; one at a time is the strictest order that allows."""
         for seq in seqs:
-            for i in range(seq.num_tokens):
+            end = seq.num_cached_tokens + seq.num_scheduled_tokens
+            assert seq.num_scheduled_tokens >= 1 and len(seq.block_table) * self.bs >= end, seq
+            for i in range(seq.num_cached_tokens, end):
+                self.slots[self.slot(seq, i)] = tuple(seq.token_ids[:i + 1])
+            for i in range(end):
                 assert self.slots[self.slot(seq, i)] == tuple(seq.token_ids[:i + 1]), f"{seq} reads a wrong slot"
-        self.steps.append((is_prefill, [(s.request_id, s.num_tokens - s.num_cached_tokens, s.num_output_tokens)
-                                        for s in seqs]))
-        return [next_token(seq.token_ids) for seq in seqs]
+        self.steps.append([(s.request_id, s.num_scheduled_tokens, s.num_output_tokens) for s in seqs])
+        return [next_token(seq.token_ids) for seq in seqs if seq.feeds_last_token]
 
 
 def reference(prompt: list[int], max_tokens: int) -> list[int]:
@@ -77,15 +80,17 @@ def run(requests, num_blocks: int, block_size: int = 4, max_num_seqs: int = 64, 
             if at == step:
                 scheduler.add(seq)
         step += 1
-        batch, is_prefill = scheduler.schedule()
+        batch = scheduler.schedule()
         check_invariants(manager, scheduler)
         if not batch:
             assert not scheduler.has_work()
             continue
         assert len(batch) <= max_num_seqs
-        tokens = runner.run(batch, is_prefill)
+        assert sum(s.num_scheduled_tokens for s in batch if s.num_scheduled_tokens > 1) <= max_num_batched_tokens
+        sampled = [seq for seq in batch if seq.feeds_last_token]
+        tokens = runner.run(batch)
         scheduler.step_done(batch)
-        for seq, token in zip(batch, tokens):
+        for seq, token in zip(sampled, tokens):
             seq.append_token(token)
             if seq.num_output_tokens == seq.max_tokens:
                 scheduler.finish(seq, "length")
@@ -107,27 +112,32 @@ def test_roomy_cache_runs_everything_together():
     assert outputs == expected(REQUESTS)
     assert scheduler.num_preemptions == 0
     prefill, decode = runner.steps[0], runner.steps[1]
-    assert prefill[0] and len(prefill[1]) == len(REQUESTS)  # all admitted in one prefill step
-    assert not decode[0] and all(fed == 1 for _, fed, _ in decode[1])  # then one token each per step
+    assert len(prefill) == len(REQUESTS)  # all admitted in one step (fed: their prompts but shared blocks)
+    assert all(fed == 1 for _, fed, _ in decode)  # then one token each per step
 
 
 def test_requests_join_and_leave_the_batch_at_every_step():
     arrivals = [0, 0, 1, 2, 3, 5, 8, 8, 9, 13, 21, 22]
     outputs, *_, runner = run(REQUESTS, num_blocks=200, arrivals=arrivals)
     assert outputs == expected(REQUESTS)
-    sizes = [len(rows) for is_prefill, rows in runner.steps if not is_prefill]
-    assert len(set(sizes)) > 3  # the decode batch grew and shrank
+    sizes = [len(rows) for rows in runner.steps]
+    assert len(set(sizes)) > 3  # the batch grew and shrank
+    # Newcomers' prompts ran in the same steps as the others' next tokens.
+    assert any({fed for _, fed, _ in rows} > {1} and 1 in {fed for _, fed, _ in rows} for rows in runner.steps)
 
 
 @pytest.mark.parametrize("num_blocks", [6, 9, 14])
-def test_tiny_cache_preempts_and_recomputes_with_equal_outputs(num_blocks):
+@pytest.mark.parametrize("budget", [2048, 3])
+def test_tiny_cache_preempts_and_recomputes_with_equal_outputs(num_blocks, budget):
     # Only requests that fit the pool alone (the engine rejects the others when they are added).
+    # With a budget of 3 prompt tokens per step, sequences are also preempted halfway through their
+    # prompts: blocks that were never computed must not be shared (the fake runner checks every read).
     requests = [(p, n) for p, n in REQUESTS if -(-(len(p) + n - 1) // 4) <= num_blocks]
-    outputs, _, scheduler, runner = run(requests, num_blocks=num_blocks)
+    outputs, _, scheduler, runner = run(requests, num_blocks=num_blocks, max_num_batched_tokens=budget)
     assert outputs == expected(requests)
     assert scheduler.num_preemptions > 0
-    # A preempted sequence is recomputed in a prefill step with the tokens it had generated.
-    assert any(is_prefill and generated > 0 for is_prefill, rows in runner.steps for _, _, generated in rows)
+    # A preempted sequence is recomputed with the tokens it had generated.
+    assert any(fed > 1 and generated > 0 for rows in runner.steps for _, fed, generated in rows)
 
 
 def test_preemption_takes_the_newest_running_sequence():
@@ -136,15 +146,15 @@ def test_preemption_takes_the_newest_running_sequence():
     a, b = Sequence("a", [1, 2, 3], GREEDY, 10), Sequence("b", [4, 5, 6], GREEDY, 10)
     scheduler.add(a)
     scheduler.add(b)
-    assert scheduler.schedule() == ([a, b], True)  # 2 blocks each: the pool is full
+    assert scheduler.schedule() == [a, b]  # 2 blocks each: the pool is full
     scheduler.step_done([a, b])
     a.append_token(7)
     b.append_token(8)  # 4 tokens: still 2 blocks each
-    assert scheduler.schedule() == ([a, b], False)
+    assert scheduler.schedule() == [a, b] and a.num_scheduled_tokens == b.num_scheduled_tokens == 1
     scheduler.step_done([a, b])
     a.append_token(9)
     b.append_token(10)  # 5 tokens: a third block each, and none is free
-    assert scheduler.schedule() == ([a], False)
+    assert scheduler.schedule() == [a]
     assert b.status is SequenceStatus.WAITING and list(scheduler.waiting) == [b] and not b.block_table
     assert b.num_preemptions == 1 and len(a.block_table) == 3
 
@@ -156,22 +166,45 @@ def test_admission_waits_for_blocks_and_never_overtakes():
     first = Sequence("first", list(range(50, 58)), GREEDY, 4)  # 2 blocks
     for seq in (first, big, small):
         scheduler.add(seq)
-    batch, is_prefill = scheduler.schedule()
-    assert is_prefill and batch == [first]  # big needs 4 blocks, 3 are free: it waits, and small behind it
+    assert scheduler.schedule() == [first]  # big needs 4 blocks, 3 are free: it waits, and small behind it
     assert [s.request_id for s in scheduler.waiting] == ["big", "small"]
     scheduler.finish(first, "stop")
     assert manager.num_used_blocks == 0
-    assert scheduler.schedule() == ([big, small], True)
+    assert scheduler.schedule() == [big, small]
 
 
 def test_max_num_seqs_and_batched_tokens_bound_a_step():
     requests = [([i, i + 1, i + 2, i + 3], 5) for i in range(0, 40, 4)]
     outputs, *_, runner = run(requests, num_blocks=100, max_num_seqs=3)
     assert outputs == expected(requests)
-    assert max(len(rows) for _, rows in runner.steps) == 3
+    assert max(len(rows) for rows in runner.steps) == 3
     outputs, *_, runner = run(requests, num_blocks=100, max_num_batched_tokens=8)
     assert outputs == expected(requests)
-    assert all(len(rows) <= 2 for is_prefill, rows in runner.steps if is_prefill)
+    assert max(sum(fed > 1 for _, fed, _ in rows) for rows in runner.steps) == 2  # 2 prompts of 4 tokens
+
+
+def test_long_prompts_run_in_chunks_beside_the_others_next_tokens():
+    long_prompt = list(range(200, 230))  # 30 tokens
+    requests = [([1, 2, 3], 12), ([4, 5], 12), (long_prompt, 4), ([6, 7, 8, 9], 3)]
+    outputs, _, _, runner = run(requests, num_blocks=100, arrivals=[0, 0, 2, 2], max_num_batched_tokens=8)
+    assert outputs == expected(requests)
+    chunks = [(fed, rows) for rows in runner.steps for rid, fed, generated in rows if rid == "r2" and generated == 0]
+    assert [fed for fed, _ in chunks] == [8, 8, 8, 6]  # 30 prompt tokens, 8 per step
+    for _, rows in chunks:  # the running requests got their next token in every one of those steps
+        assert {rid for rid, fed, _ in rows if fed == 1} == {"r0", "r1"}
+    # The request queued behind the long prompt waited for room in the budget, then took the rest.
+    first_r3 = next(i for i, rows in enumerate(runner.steps) if any(rid == "r3" for rid, *_ in rows))
+    assert any(rid == "r2" and fed == 6 for rid, fed, _ in runner.steps[first_r3])
+
+
+def test_chunked_prompts_share_only_blocks_already_computed():
+    system = list(range(1, 14))  # 13 tokens: 3 full blocks of 4
+    requests = [(system + [100 + i], 5) for i in range(3)]
+    # 6 prompt tokens per step: the first prompt's blocks are computed over three steps; the others,
+    # admitted in the step of its last chunk, share them; the fake runner checks every read.
+    outputs, manager, *_ = run(requests, num_blocks=100, max_num_batched_tokens=6)
+    assert outputs == expected(requests)
+    assert manager.hit_tokens == 2 * 12
 
 
 def test_prefix_blocks_are_shared_and_outputs_unchanged():
@@ -187,6 +220,8 @@ def test_freed_blocks_stay_reusable_until_evicted():
     a = Sequence("a", list(range(1, 10)), GREEDY, 4)  # 9 tokens: 2 full blocks + 1
     manager.allocate(a)
     assert a.num_cached_tokens == 0 and manager.num_used_blocks == 3
+    assert not manager.cached  # nothing is shared before a step computes it
+    manager.will_compute(a, 9)
     a_blocks = list(a.block_table)
     manager.free_blocks(a)
     assert manager.num_used_blocks == 0
@@ -195,6 +230,7 @@ def test_freed_blocks_stay_reusable_until_evicted():
     manager.allocate(b)
     assert b.num_cached_tokens == 8 and b.block_table[:2] == a_blocks[:2]
     # The exact same 8-token prompt reuses only the first block: its last token must be computed.
+    manager.will_compute(b, 10)
     c = Sequence("c", list(range(1, 9)), GREEDY, 4)
     manager.allocate(c)
     assert c.num_cached_tokens == 4 and c.block_table[0] == b.block_table[0]
@@ -204,6 +240,7 @@ def test_freed_blocks_stay_reusable_until_evicted():
     manager.free_blocks(c)
     d = Sequence("d", list(range(500, 524)), GREEDY, 1)  # 6 blocks: the whole pool
     manager.allocate(d)
+    manager.will_compute(d, 24)
     assert set(manager.cached) == set(d.block_hashes)  # the old content is forgotten
     manager.free_blocks(d)
     e = Sequence("e", list(range(1, 10)), GREEDY, 4)
@@ -215,6 +252,7 @@ def test_can_allocate_counts_reused_blocks_that_sit_in_the_free_list():
     manager = BlockManager(num_blocks=3, block_size=2)
     a = Sequence("a", [1, 2, 3, 4, 5], GREEDY, 1)  # 3 blocks: the whole pool
     manager.allocate(a)
+    manager.will_compute(a, 5)
     manager.free_blocks(a)
     again = Sequence("again", [1, 2, 3, 4, 5], GREEDY, 1)
     assert manager.can_allocate(again)  # 2 reused (free-listed) + 1 new = 3 free blocks

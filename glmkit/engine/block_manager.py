@@ -11,9 +11,11 @@ its content and hash while it sits in the free list, so a later request can stil
 evicted (its hash forgotten) only when the free list hands it out for new content, least recently
 freed first.
 
-A full block is registered (its hash made findable) when it is allocated or completed for the step
-that computes it. A batch mate may then share it in that same step: within one model call, every
-layer writes all rows' new keys/values before any row reads.
+A full block is registered (its hash made findable) when the step that computes its last token is
+scheduled (`will_compute`): a prompt's blocks as its chunks are scheduled, a generated block when its
+last token is fed. A sequence admitted later in that same step may then share it: sharing happens only
+at admission, admitted sequences come last in a step, the runner computes a step's sequences in
+order, and within one model call every layer writes all rows' new keys/values before any row reads.
 
 A sequence always computes at least its last token (its logits are needed), so the block holding it
 is never shared: at most `(num_tokens - 1) // block_size` blocks are reused.
@@ -68,7 +70,8 @@ class BlockManager:
         return cost + reserve <= len(self.free)
 
     def allocate(self, seq: Sequence) -> None:
-        """Give `seq` blocks for all its tokens, sharing the cached prefix; sets num_cached_tokens."""
+        """Give `seq` blocks for all its tokens, sharing the cached prefix; sets num_cached_tokens.
+        The new blocks are registered as steps compute them (`will_compute`)."""
         if seq.block_table:
             raise RuntimeError(f"{seq} already holds blocks")
         reused = self._reusable(seq)
@@ -77,11 +80,8 @@ class BlockManager:
                 del self.free[block]
             self.ref_counts[block] += 1
         seq.block_table = list(reused)
-        for i in range(len(reused), self.blocks_for(seq.num_tokens)):
-            block = self._take_free_block()
-            seq.block_table.append(block)
-            if i < len(seq.block_hashes):
-                self._register(block, seq.block_hashes[i])  # computed in the step this allocation is for
+        for _ in range(len(reused), self.blocks_for(seq.num_tokens)):
+            seq.block_table.append(self._take_free_block())
         seq.num_cached_tokens = len(reused) * self.block_size
         self.hit_blocks += len(reused)
         self.hit_tokens += seq.num_cached_tokens
@@ -92,12 +92,20 @@ class BlockManager:
         return len(seq.block_table) >= self.blocks_for(seq.num_tokens) or len(self.free) > 0
 
     def append(self, seq: Sequence) -> None:
-        """Make room for the token the next step feeds; register the block that token completes."""
+        """Make room for the token the next step feeds, its last one; register the block it completes."""
         if len(seq.block_table) < self.blocks_for(seq.num_tokens):
             seq.block_table.append(self._take_free_block())
-        if seq.num_tokens % self.block_size == 0:
+        self.will_compute(seq, seq.num_tokens)
+
+    def will_compute(self, seq: Sequence, end: int) -> None:
+        """The step being scheduled computes `seq`'s tokens from num_cached_tokens up to `end`:
+        register the full blocks that completes, so that sequences admitted after it may share them."""
+        size = self.block_size
+        first, last = seq.num_cached_tokens // size, end // size  # blocks [first, last) end by `end`
+        if first < last:
             self._update_hashes(seq)
-            self._register(seq.block_table[-1], seq.block_hashes[-1])
+            for i in range(first, last):
+                self._register(seq.block_table[i], seq.block_hashes[i])
 
     # ---- release ---------------------------------------------------------------------------------
     def free_blocks(self, seq: Sequence) -> None:

@@ -29,7 +29,7 @@ from glmkit.sampling import SamplingParams
 
 from .block_manager import BlockManager
 from .runner import ModelRunner, Scores
-from .scheduler import Scheduler
+from .scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, Scheduler
 from .sequence import Sequence
 
 # Without `num_blocks`, the pool holds `max_num_seqs` full context windows, capped at this many bytes,
@@ -79,12 +79,13 @@ class LLMEngine:
     """Continuous batching for `model` (a `ChatGLMForCausalLM`) and its tokenizer.
 
     max_num_seqs: most sequences in one step. num_blocks: KV cache blocks of `block_size` tokens
-    (None: see DEFAULT_KV_CACHE_BYTES). max_num_batched_tokens: most prompt tokens in one prefill
-    step; one prompt longer than that still runs, alone.
+    (None: see DEFAULT_KV_CACHE_BYTES). max_num_batched_tokens: most prompt tokens computed in one
+    step, beside one token of each generating sequence; a longer prompt is computed in chunks over
+    several steps, so that it delays the others' next tokens by at most one chunk's time.
     """
 
     def __init__(self, model, tokenizer, max_num_seqs: int = 64, num_blocks: int | None = None,
-                 block_size: int = 16, *, max_num_batched_tokens: int = 2048,
+                 block_size: int = 16, *, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                  kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES):
         self.model = model
         self.tokenizer = tokenizer
@@ -160,9 +161,10 @@ class LLMEngine:
     def step(self) -> list[tuple[str, Delta]]:
         """Run one step; return (request id, delta) for each request that got a token, in batch order.
         A request's last delta has its finish_reason set; the request is then gone from the engine."""
-        seqs, _ = self.scheduler.schedule()
+        seqs = self.scheduler.schedule()
         if not seqs:
             return []
+        sampled = [seq for seq in seqs if seq.feeds_last_token]  # the others computed a chunk of their prompt
         try:
             tokens, scores = self.runner.run(seqs)
         except BaseException:
@@ -170,7 +172,7 @@ class LLMEngine:
             raise
         self.scheduler.step_done(seqs)
         outputs: list[tuple[str, Delta]] = []
-        for seq, token, score in zip(seqs, tokens, scores):
+        for seq, token, score in zip(sampled, tokens, scores):
             deltas, reason = self.requests[seq.request_id].on_token(token, score)
             outputs.extend((seq.request_id, delta) for delta in deltas)
             if deltas[0].token_id is not None:

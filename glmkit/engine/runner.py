@@ -6,14 +6,18 @@ per cached token: slot `base + block * block_size + offset` (see `block_manager`
 come the P-Tuning prefix's slots (when the model has one; every sequence attends to them) and one
 padding slot, all zeros, that the masked padding columns of a batch read.
 
-Two layouts of a step, both with `model.forward`'s own arguments:
-- rows (decode steps: one new token per sequence; or one sequence's prompt): row b holds its
-  sequence's T new tokens, and its keys at the right end of S columns (S = the longest sequence),
-  with an attention mask marking the real ones — the left-padded layout of batched generation,
-  positions following from the mask. Rows all of one length need no mask at all.
+A step's sequences run in order, in groups of one model call each: first the ones feeding one token
+(the generating ones, all together), then prompts (whole or chunks) packed up to
+`PACKED_CALL_TOKENS` new tokens per call. Two layouts of a call, both with `model.forward`'s own
+arguments:
+- rows (every sequence of the call feeds the same number T of tokens: decode steps, prompts of one
+  length): row b holds its sequence's T new tokens, and its keys at the right end of S columns
+  (S = the longest sequence), with an attention mask marking the real ones — the left-padded layout
+  of batched generation, positions following from the mask. Rows all of one length need no mask.
 - packed (prompts of several lengths): every new token in one row, with an explicit
   (1, 1, N, keys) mask in which each token sees only its own sequence's keys, explicit positions, and
-  logits at each sequence's last token. No padding, so the linears do only the real tokens' work.
+  logits at each sequence's last token. No padding, so the linears do only the real tokens' work;
+  attention, though, scores every token against every key of the call, which is why calls are capped.
 `_StepCache` is the cache object the model writes to and reads from: in each layer it scatters the
 new keys/values into their slots, then gathers the keys/values (new ones included) for attention.
 No model code knows the cache is paged.
@@ -33,6 +37,12 @@ from glmkit.sampling import (
 from .sequence import Sequence
 
 Scores = tuple[float, list[tuple[int, float]]]  # the chosen token's logprob; (id, logprob) of the best ones
+
+# New tokens per packed call. The linears are about as fast per token at 512 rows as at thousands,
+# while the attention of a packed call grows with the square of its tokens (most of it masked out):
+# 16 prompts of ~64 tokens prefill 15-20% faster in calls of 512 tokens than in one call of 1024
+# (benchmarks/RESULTS.md, "Serving"); 128-token calls are slower again.
+PACKED_CALL_TOKENS = 512
 
 
 class _StepCache:
@@ -89,23 +99,45 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> tuple[list[int], list[Scores | None]]:
-        """Feed each sequence's uncached tokens in one model call; return each one's next token (and
-        its logprobs when asked for; see `sample`)."""
+        """Feed each sequence's scheduled tokens; return the next token of each one whose step reaches
+        its last token (`Sequence.feeds_last_token`), in order, and its logprobs when asked for (see
+        `sample`)."""
         logits = self.forward(seqs)
-        return self.sample(seqs, logits)
+        return self.sample([seq for seq in seqs if seq.feeds_last_token], logits)
 
     def forward(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits of the last token of each sequence, (B, V), its new keys/values now in the pool."""
-        if len({seq.num_tokens - seq.num_cached_tokens for seq in seqs}) == 1:
+        """Logits (B', V) of the last token of each sequence whose step reaches it, in order; every
+        scheduled token's keys/values are in the pool afterwards."""
+        logits = [self._forward_call(group) for group in self._calls(seqs)]
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    @staticmethod
+    def _calls(seqs: list[Sequence]) -> list[list[Sequence]]:
+        """The step's sequences split, in order, into model calls: the leading one-token sequences
+        together, then the rest packed up to PACKED_CALL_TOKENS new tokens (a longer one alone)."""
+        first = 0
+        while first < len(seqs) and seqs[first].num_scheduled_tokens == 1:
+            first += 1
+        calls, call, tokens = [seqs[:first]] if first else [], [], 0
+        for seq in seqs[first:]:
+            if call and tokens + seq.num_scheduled_tokens > PACKED_CALL_TOKENS:
+                calls.append(call)
+                call, tokens = [], 0
+            call.append(seq)
+            tokens += seq.num_scheduled_tokens
+        return calls + [call] if call else calls
+
+    def _forward_call(self, seqs: list[Sequence]) -> torch.Tensor:
+        if len({seq.num_scheduled_tokens for seq in seqs}) == 1:
             return self._forward_rows(seqs)
         return self._forward_packed(seqs)
 
     def _forward_rows(self, seqs: list[Sequence]) -> torch.Tensor:
         """One row per sequence, each with the same number T of new tokens: decode steps (T = 1),
-        one sequence's prompt, or prompts of one length."""
+        one sequence's prompt (or chunk), or prompts of one length."""
         device = self.device
-        lengths = [seq.num_tokens for seq in seqs]
-        input_ids = torch.tensor([seq.token_ids[seq.num_cached_tokens:] for seq in seqs], device=device)  # (B, T)
+        lengths = [seq.num_cached_tokens + seq.num_scheduled_tokens for seq in seqs]  # tokens up to the last fed
+        input_ids = torch.tensor([seq.scheduled_ids for seq in seqs], device=device)  # (B, T)
         S, T = max(lengths), input_ids.shape[1]
         # Column j of row b holds token j - (S - n_b) of its sequence: negative means padding.
         n = torch.tensor(lengths, device=device)
@@ -116,22 +148,28 @@ class ModelRunner:
                            slots[:, S - T:].flatten(), S - T, S, self.prefix_len)
         # Rows all of one length need no mask: the model then uses the same kernels as one request.
         mask = None if min(lengths) == S else real
-        return self.model(input_ids, attention_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+        sampled = [seq.feeds_last_token for seq in seqs]
+        if not any(sampled):  # chunks of prompts: no logits wanted, the output layer is skipped
+            empty = torch.empty(0, dtype=torch.long, device=device)
+            return self.model(input_ids, attention_mask=mask, kv_cache=cache, logits_at=empty).flatten(0, 1)
+        logits = self.model(input_ids, attention_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+        return logits if all(sampled) else logits[torch.tensor(sampled, device=device)]
 
     def _forward_packed(self, seqs: list[Sequence]) -> torch.Tensor:
         """All sequences' new tokens in one row, each seeing only its own keys: prompts of different
         lengths without padding, so the linears do exactly the work of the real tokens."""
         device = self.device
         rows = torch.arange(len(seqs), device=device)
-        n = torch.tensor([seq.num_tokens for seq in seqs], device=device)
         cached = torch.tensor([seq.num_cached_tokens for seq in seqs], device=device)
+        new = torch.tensor([seq.num_scheduled_tokens for seq in seqs], device=device)
+        n = cached + new  # tokens up to the last one fed
         tables = self._tables(seqs)
-        # Keys: every token of every sequence, in order; queries: the new tokens (the uncached tail).
+        # Keys: every token of every sequence up to its last fed one, in order; queries: the fed tokens.
         key_seq = rows.repeat_interleave(n)  # (K,) the sequence of each key
         key_token = torch.arange(len(key_seq), device=device) - (n.cumsum(0) - n)[key_seq]
-        query_seq = rows.repeat_interleave(n - cached)  # (N,)
-        ends = (n - cached).cumsum(0)
-        query_token = torch.arange(len(query_seq), device=device) - (ends - (n - cached))[query_seq] + cached[query_seq]
+        query_seq = rows.repeat_interleave(new)  # (N,)
+        ends = new.cumsum(0)
+        query_token = torch.arange(len(query_seq), device=device) - (ends - new)[query_seq] + cached[query_seq]
         visible = (query_seq[:, None] == key_seq[None, :]) & (key_token[None, :] <= query_token[:, None])  # (N, K)
         if self.prefix_len:
             visible = torch.cat((visible.new_ones(len(query_seq), self.prefix_len), visible), dim=1)
@@ -139,9 +177,10 @@ class ModelRunner:
         write_slots = self._slots(tables[query_seq], query_token[:, None]).squeeze(1)
         cache = _StepCache(self.k_pool, self.v_pool, self._with_prefix(key_slots[None])[0], write_slots,
                            len(key_seq) - len(query_seq), len(key_seq), self.prefix_len)
-        input_ids = torch.tensor([[t for seq in seqs for t in seq.token_ids[seq.num_cached_tokens:]]], device=device)
+        input_ids = torch.tensor([[t for seq in seqs for t in seq.scheduled_ids]], device=device)
+        sampled = torch.tensor([seq.feeds_last_token for seq in seqs], device=device)
         return self.model(input_ids, position_ids=query_token[None], attention_mask=visible[None, None],
-                          kv_cache=cache, logits_at=ends - 1)[0]
+                          kv_cache=cache, logits_at=(ends - 1)[sampled])[0]
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
         """The block tables, (B, most blocks), padded with block 0 (never read through)."""

@@ -6,8 +6,8 @@ It knows no torch, tokenizer or text; turning tokens into text is the engine's j
 
 Invariant between steps: `token_ids` = prompt + output; the keys/values of the first
 `num_cached_tokens` of them are in the cache, and the block table covers at least those. A step
-feeds `token_ids[num_cached_tokens:]` (the whole prompt at first, then one token at a time) and
-samples one more token.
+feeds the `num_scheduled_tokens` after them (the prompt, whole or a chunk of it, then one token at a
+time); when that reaches the last token, the step samples one more token.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Sequence:
         self.block_table: list[int] = []  # cache block ids, in token order
         self.block_hashes: list[bytes] = []  # content hash of each full block of token_ids, in order
         self.num_cached_tokens = 0
+        self.num_scheduled_tokens = 0  # tokens the step being run feeds, from num_cached_tokens on
         self.num_preemptions = 0
         self.finish_reason: str | None = None
 
@@ -54,6 +55,17 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def scheduled_ids(self) -> list[int]:
+        """The ids the step being run feeds."""
+        return self.token_ids[self.num_cached_tokens:self.num_cached_tokens + self.num_scheduled_tokens]
+
+    @property
+    def feeds_last_token(self) -> bool:
+        """Whether the step being run reaches the last token, and so yields the next one (the earlier
+        chunks of a long prompt yield nothing)."""
+        return self.num_cached_tokens + self.num_scheduled_tokens == len(self.token_ids)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
@@ -62,4 +74,4 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "
-                f"cached={self.num_cached_tokens}, blocks={self.block_table})")
+                f"cached={self.num_cached_tokens}, scheduled={self.num_scheduled_tokens}, blocks={self.block_table})")
