@@ -234,11 +234,12 @@ def test_repetition_penalty_rows_equal_single_runs(model, tok, prompts):
         assert completion == generate(model, tok, p, sp)
 
 
-def test_p_tuning_prefix_model(tok, prompts):
+@pytest.mark.parametrize("budget", [512, 5])
+def test_p_tuning_prefix_model(tok, prompts, budget):
     m = tiny_model(pre_seq_len=3)
     with torch.no_grad():
         m.transformer.prefix_encoder.embedding.weight.normal_()
-    got = LLMEngine(m, tok, block_size=4).generate(prompts[:4], greedy(10))
+    got = LLMEngine(m, tok, block_size=4, max_num_batched_tokens=budget).generate(prompts[:4], greedy(10))
     for p, completion in zip(prompts, got):
         assert completion == generate(m, tok, p, greedy(10))
 

@@ -1,5 +1,5 @@
-"""The model side of the engine, and the only part that touches torch: a paged KV pool, one model
-call per step, one batched sample over all rows.
+"""The model side of the engine, and the only part that touches torch: a paged KV pool, the model
+calls of a step, one batched sample over the sequences that get a token.
 
 The pool holds every layer's keys and values in slots, (layers, slots, groups, head dims), one slot
 per cached token: slot `base + block * block_size + offset` (see `block_manager`). Before the blocks
@@ -41,7 +41,7 @@ Scores = tuple[float, list[tuple[int, float]]]  # the chosen token's logprob; (i
 # New tokens per packed call. The linears are about as fast per token at 512 rows as at thousands,
 # while the attention of a packed call grows with the square of its tokens (most of it masked out):
 # 16 prompts of ~64 tokens prefill 15-20% faster in calls of 512 tokens than in one call of 1024
-# (benchmarks/RESULTS.md, "Serving"); 128-token calls are slower again.
+# (measured on the serving benchmark's model, 2 threads); 128-token calls are slower again.
 PACKED_CALL_TOKENS = 512
 
 
@@ -118,7 +118,8 @@ class ModelRunner:
         first = 0
         while first < len(seqs) and seqs[first].num_scheduled_tokens == 1:
             first += 1
-        calls, call, tokens = [seqs[:first]] if first else [], [], 0
+        calls = [seqs[:first]] if first else []
+        call, tokens = [], 0
         for seq in seqs[first:]:
             if call and tokens + seq.num_scheduled_tokens > PACKED_CALL_TOKENS:
                 calls.append(call)
