@@ -6,8 +6,10 @@ x (M, K) @ W.T for W of shape (N, K), for M = 1 .. 256 rows, with the weights
   - fp16:   the same with float16 weights and x (the avx512_fp16 kernels, where the CPU has them);
   - fp32:   `F.linear` in float32 (MKL).
 Kinds are timed interleaved, round after round, in one process, and each cell is the fastest call: on a
-shared machine only the ratios inside one run mean something. Few rows read memory, so each timing
-cycles through enough copies of the weight to exceed the caches (--cache-mb) as a decode step does.
+shared machine only the ratios inside one run mean something. Up to 32 rows a product is bound by
+memory, so each round cycles through enough copies of the weight to exceed the caches (--cache-mb), as
+a decode step does; more rows are compute-bound and time 3 copies. The last column is the speed of
+fp16 against bf16 (above 1: fp16 is faster). On a CPU without AVX512-FP16 the fp16 kind is left out.
 
 Shapes: `bench` is the serving benchmark's model (hidden 1024, 8 layers, ffn 3424, vocabulary 65024);
 `6b` is ChatGLM3-6B's (28 layers). The last table adds up one forward step of the whole model's
@@ -109,6 +111,9 @@ def main() -> int:
     for kind in kinds:
         if kind not in KINDS:
             ap.error(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    if "fp16" in kinds and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        print("this CPU has no float16 kernels in oneDNN (AVX512-FP16): the fp16 kind is left out")
+        kinds.remove("fp16")
     only = set(filter(None, args.only.split(",")))
     print(f"{args.threads} thread(s), best of {args.rounds} interleaved rounds; ms per call (GFLOP/s)")
     with torch.inference_mode():
@@ -120,7 +125,7 @@ def main() -> int:
                     continue
                 best = time_shape(N, K, rows, kinds, args.rounds, args.cache_mb * 2**20)
                 print(f"\n{shape_set} {name}: ({N}, {K})")
-                print(f"{'rows':>6}" + "".join(f"{k:>20}" for k in kinds) + "   fp16 / bf16")
+                print(f"{'rows':>6}" + "".join(f"{k:>20}" for k in kinds) + "   fp16 vs bf16")
                 for M in rows:
                     cells = "".join(f"{best[k, M]:>10.3f} ({2 * M * N * K / best[k, M] / 1e6:>6.1f})" for k in kinds)
                     ratio = f"{best['bf16', M] / best['fp16', M]:>9.2f}x" if {"bf16", "fp16"} <= set(kinds) else ""

@@ -6,8 +6,8 @@ different lengths, all arriving at once, each generating exactly --new tokens (n
   - sequential: `glmkit.generate.generate_stream` on each request in turn;
   - engine: all N added to one `LLMEngine`, stepped to completion.
 Rounds alternate the two (the machine may be shared); the best round of each is reported: output
-tokens/s, the ratio, time to first token and inter-token latency p50/p99 (what a long prompt's
-prefill does to the others shows in the ITL p99), and how many replies are identical token for
+tokens/s, the ratio, time to first token and inter-token latency p50/p99/max (what prompts' prefill
+does to the others' next tokens shows in the ITL tail), and how many replies are identical token for
 token (bf16 batched and single-row kernels round differently, so greedy near-ties of a random-weight
 model may break differently). --profile prints torch.profiler's table of the engine's last round.
 
@@ -92,7 +92,7 @@ class Run:
         itl = [b - a for t in self.times for a, b in itertools.pairwise(t)]
         q_ttft, q_itl = statistics.quantiles(ttft, n=100), statistics.quantiles(itl, n=100)
         return {"TTFT p50": 1e3 * statistics.median(ttft), "TTFT p99": 1e3 * q_ttft[98],
-                "ITL p50": 1e3 * statistics.median(itl), "ITL p99": 1e3 * q_itl[98]}
+                "ITL p50": 1e3 * statistics.median(itl), "ITL p99": 1e3 * q_itl[98], "ITL max": 1e3 * max(itl)}
 
 
 def run_sequential(model, tok, prompts, params) -> Run:

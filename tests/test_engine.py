@@ -187,6 +187,25 @@ def test_chunked_prompts_and_mixed_steps_equal_single_runs(model, tok, prompts, 
         assert any(sum(max(call) > 1 for call in calls) > 1 for calls in steps)
 
 
+def test_a_step_where_one_of_equal_rows_ends_its_prompt_and_the_other_does_not(model, tok):
+    """Prompts of 6 and 12 tokens with 12 prompt tokens per step: both feed 6 in the first step (one
+    row call), which ends the first prompt (it samples) but not the second (it waits a step)."""
+    start = [tok.token_id("[gMASK]"), tok.token_id("sop")]
+    text = tok.encode("The quick brown fox jumps over the lazy dog. " * 2)
+    short, long = start + text[:4], start + text[4:14]
+    assert (len(short), len(long)) == (6, 12)
+    engine = LLMEngine(model, tok, block_size=4, max_num_batched_tokens=12)
+    a, b = engine.add_request(short, greedy(5)), engine.add_request(long, greedy(5))
+    first = engine.step()
+    assert [request_id for request_id, _ in first] == [a]
+    got = {a: [first[0][1].token_id], b: []}
+    while engine.has_unfinished():
+        for request_id, delta in engine.step():
+            if delta.token_id is not None:
+                got[request_id].append(delta.token_id)
+    assert got == {a: generate(model, tok, short, greedy(5)).token_ids, b: generate(model, tok, long, greedy(5)).token_ids}
+
+
 def test_preemption_under_a_tiny_cache_gives_equal_outputs(model, tok, prompts):
     requests = [(prompts[i % len(prompts)], greedy(12 + i)) for i in range(10)]
     need = max(len(p) + sp.max_new_tokens for p, sp in requests)

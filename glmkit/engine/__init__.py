@@ -1,10 +1,10 @@
 """Many requests at once: continuous batching over a paged, prefix-sharing KV cache.
 
 One noun per file, each with one job: `Sequence` (a request's ids and state), `BlockManager`
-(cache blocks, reference counts, prefix hashes), `Scheduler` (who runs next; admission and
-preemption), `ModelRunner` (the paged KV pool and the model call; the only torch here),
-`LLMEngine` (requests in, streamed deltas out), `AsyncEngine` (the engine in a worker thread, for
-asyncio servers).
+(cache blocks, reference counts, prefix hashes), `Scheduler` (who runs next and how many tokens
+each feeds: admission, chunked prompts, preemption), `ModelRunner` (the paged KV pool and the
+model calls; the only torch here), `LLMEngine` (requests in, streamed deltas out), `AsyncEngine`
+(the engine in a worker thread, for asyncio servers).
 """
 
 from .async_engine import AsyncEngine, EngineStoppedError
