@@ -1,7 +1,8 @@
 """Matrix products of the CPU fast path: which kernel wins at how many rows, on the model's shapes.
 
 x (M, K) @ W.T for W of shape (N, K), for M = 1 .. 256 rows, with the weights
-  - packed: `glmkit.packed.PackedLinear` as it is (bf16 weights in, its own choice of kernel);
+  - packed: `glmkit.packed.PackedLinear` as it is (bf16 weights in, its own choice of kernel: glmkit's
+            compiled float32 kernel over the packed weight where the CPU kernels build);
   - bf16:   oneDNN with bf16 weights prepacked (`torch.ops.mkldnn._reorder_linear_weight`), bf16 x;
   - fp16:   the same with float16 weights and x (the avx512_fp16 kernels, where the CPU has them);
   - fp32:   `F.linear` in float32 (MKL).

@@ -5,6 +5,7 @@
     python benchmarks/bench_quant.py overhead                  # per-token cost outside the matrix products
     python benchmarks/bench_quant.py quality [--model DIR]     # perplexity and logits, float vs quantized
     python benchmarks/bench_quant.py full                      # glmkit bench at 6B + transformers bf16, one run
+    python benchmarks/bench_quant.py load [--model DIR]        # load time of a quantized checkpoint
 
 `kernels` times x (1, K) @ W.T for each of the 6B model's four block shapes and its output layer: the bf16
 packed path (glmkit.packed), then int8 and int4 (group 128 / 32) through torch's kernels ("cpu") and through
@@ -315,12 +316,33 @@ def cmd_full(args) -> None:
         print(f"glmkit {mode} decode / transformers bf16 decode: {r['decode_tok_s'] / hf_decode:.2f}x")
 
 
+def cmd_load(args) -> None:
+    """How long a quantized checkpoint takes to load: `--model DIR`, or (written once to bench-out/) the random
+    int4 ChatGLM3-6B. Timed in a fresh process: `load_model`, then the first forward (which pages the weights
+    in from a memory-mapped file), and the peak RSS after each."""
+    import subprocess
+
+    folder = Path(args.model) if args.model else ROOT / "bench-out" / "chatglm3-6b-random-int4"
+    if not (folder / "config.json").exists():
+        from glmkit.commands.bench import random_model
+        from glmkit.loader import save_model
+
+        save_model(random_model(ModelConfig.preset("chatglm3-6b"), QuantConfig("int4", None)), folder)
+    probe = ("import time, torch; from glmkit.loader import load_model; from glmkit.commands.bench import peak_rss; "
+             f"t = time.perf_counter(); m = load_model({str(folder)!r}); load = time.perf_counter() - t; "
+             "rss = peak_rss(); t = time.perf_counter(); m(torch.tensor([[1, 2, 3]])); first = time.perf_counter() - t; "
+             "print(f'load_model {load:.1f} s (peak RSS {rss / 1e9:.2f} GB), first forward {first:.1f} s "
+             "(peak RSS {peak_rss() / 1e9:.2f} GB)')")
+    subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["kernels", "rows", "overhead", "quality", "full"])
+    p.add_argument("what", choices=["kernels", "rows", "overhead", "quality", "full", "load"])
     p.add_argument("--threads", default=str(torch.get_num_threads()),
                    type=lambda s: [int(t) for t in s.split(",")], help="comma-separated thread counts")
-    p.add_argument("--model", default=None, help="quality: a float checkpoint (default: the tiny random model)")
+    p.add_argument("--model", default=None, help="quality: a float checkpoint (default: the tiny random model); "
+                   "load: a quantized checkpoint (default: a random int4 6B one, written once)")
     p.add_argument("--text", default=str(ROOT / "README.md"), help="quality: the held-out text")
     p.add_argument("--max-tokens", type=int, default=1024, help="quality: tokens of the text to score")
     p.add_argument("--prompt", type=int, default=256, help="full: prompt tokens")
@@ -334,7 +356,7 @@ def main() -> None:
     print(f"torch {torch.__version__}; int4 checkpoint layout native to the CPU kernel: "
           f"{kernels.cpu_int4_layout_is_native()}")
     commands = {"kernels": cmd_kernels, "rows": cmd_rows, "overhead": cmd_overhead, "quality": cmd_quality,
-                "full": cmd_full}
+                "full": cmd_full, "load": cmd_load}
     commands[args.what](args)
 
 

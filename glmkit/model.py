@@ -23,27 +23,28 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The variance in float32, as the official implementation does, whatever the weights' dtype.
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+        # One fused op, computing in float32 and rounding once, as the official
+        # `(weight * (x.float() * rsqrt(mean(x.float() ** 2) + eps))).to(x.dtype)` does.
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
 def rotary_cos_sin(config: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of each position's angles, (B, 1, T, rotary_dim / 2), computed in float32."""
+    """cos and sin of each position's angles for `apply_rotary`, (B, T, 1, rotary_dim) each, computed in
+    float32: each angle twice (the pair it turns), the sine negated where it multiplies the pair's second."""
     rd = config.rotary_dim
     inv_freq = 1.0 / config.rope_base ** (
         torch.arange(0, rd, 2, dtype=torch.float32, device=position_ids.device) / rd)
-    angles = position_ids.float()[:, None, :, None] * inv_freq  # (B, 1, T, rd/2)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    angles = position_ids.float()[:, :, None, None] * inv_freq  # (B, T, 1, rd/2)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.stack((cos, cos), -1).flatten(-2), torch.stack((-sin, sin), -1).flatten(-2)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of the first rotary dims of each head; the rest pass."""
-    rd = cos.shape[-1] * 2
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    x1, x2 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, x_pass), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate, in place, interleaved pairs (x[2i], x[2i+1]) of the first rotary dims of each head of
+    x (B, T, heads, D): (x1 cos - x2 sin, x2 cos + x1 sin), the official rounding; the other dims pass."""
+    x_rot = x[..., :cos.shape[-1]]
+    swapped = x_rot.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1) of each pair
+    x_rot.copy_(x_rot * cos + swapped * sin)
 
 
 class KVCache:
@@ -90,9 +91,11 @@ class SelfAttention(nn.Module):
     def forward(self, x, cos, sin, mask, is_causal, kv_cache: KVCache | None, start: int, prefix_kv):
         B, T, _ = x.shape
         H, G, D = self.num_heads, self.num_groups, self.head_dim
-        q, k, v = self.query_key_value(x).split([H * D, G * D, G * D], dim=-1)
-        q = apply_rotary(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rotary(k.view(B, T, G, D).transpose(1, 2), cos, sin)  # (B, G, T, D)
+        qkv = self.query_key_value(x)
+        apply_rotary(qkv[..., :(H + G) * D].view(B, T, H + G, D), cos, sin)  # queries and keys at once
+        q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
         v = v.view(B, T, G, D).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.write(self.layer_number, start, k, v)

@@ -4,12 +4,15 @@ Why: on a CPU, decoding reads every weight once per token, so its speed is the m
 matrix-vector kernel reaches. torch's plain bf16 `F.linear` reaches about 60% of it; oneDNN with the
 weight reordered once into its blocked layout (what inductor's weight freezing does) about 80-90%.
 
-Prompts (many rows at once) are compute-bound, and there the same CPU multiplies float32 about 1.5x
-faster than oneDNN's bf16 kernel. So a long input reads the packed weight a second way: on CPUs with
-AVX512-BF16, oneDNN's layout is `AB16b64a2b` — blocks of 64 output features, each a (K/2, 64) table of
-pairs of bf16 inputs. Seen as int32, a pair becomes two float32 values by two bit operations, and the
-product is a batched float32 matmul over the blocks. The layout is checked when the weight is packed;
-where it differs (another CPU, odd shapes), long inputs use the packed bf16 kernel instead.
+Several rows at once (prompts, batched decoding) are compute-bound, and there the same CPU multiplies
+float32 about 1.5x faster than oneDNN's bf16 kernel. So the packed weight is also read a second way: on
+CPUs with AVX512-BF16, oneDNN's layout is `AB16b64a2b` — blocks of 64 output features, each a (K/2, 64)
+table of pairs of bf16 inputs. Seen as int32, a pair becomes two float32 values by two bit operations.
+glmkit's compiled kernel (`glmkit.quant.vnni`, csrc/bf16_linear.cpp) does exactly that in registers and
+multiplies in float32, at every row count: 1.2-1.3x oneDNN's speed at one row, 1.4-1.8x at 4-64 rows,
+1.15-1.5x MKL's float32 product at 128-256 rows. Without the compiled kernels, long inputs unpack a few
+blocks to float32 at a time for a batched float32 matmul, and short ones use oneDNN. The layout is checked
+when the weight is packed; where it differs (another CPU, odd shapes), every input uses oneDNN's kernel.
 
 One copy of the weight exists: the packed one. This is a module swap (`pack_linears`), so the model
 file does not change; `PackedLinear.forward` matches `F.linear` to bf16 rounding.
@@ -22,8 +25,13 @@ import ctypes
 import torch
 from torch import nn
 
-# Rows at or below this go through the packed bf16 kernel; above it the float32 path is faster.
+from .quant import vnni
+
+# Without the compiled kernel: rows at or below this go through oneDNN's bf16 kernel; above it the
+# float32 path is faster.
 PACKED_MAX_ROWS = 48
+# A layer's `kernel`: "auto" picks the fastest that applies; the others force one (tests, benchmarks).
+KERNELS = ("auto", "compiled", "onednn", "float32")
 # Output blocks (of 64 features) unpacked to float32 at a time: 4 blocks x K 4096 = 4 MB of scratch.
 BLOCKS_PER_STEP = 4
 _BLOCK_N, _BLOCK_K = 64, 32
@@ -67,17 +75,35 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
         self.pairs = _blocked_pairs(self.packed, w)
         self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.kernel = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= PACKED_MAX_ROWS or self.pairs is None:
+        kernel = self.choose(x2.shape[0])
+        if kernel == "compiled":
+            out = torch.ops.glmkit_cpu.bf16_linear(x2, self.pairs)
+        elif kernel == "onednn":
             out = torch.ops.mkldnn._linear_pointwise(x2.to(torch.bfloat16), self.packed, None, "none", [], "")
         else:
             out = self._float32_matmul(x2)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*shape, self.out_features)
+
+    def choose(self, rows: int) -> str:
+        """The kernel for `rows` input rows: the layer's `kernel` if set (and possible here), else the fastest."""
+        if self.kernel == "auto":
+            if self.pairs is not None and vnni.available():
+                return "compiled"
+            return "onednn" if rows <= PACKED_MAX_ROWS or self.pairs is None else "float32"
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}; use one of {', '.join(KERNELS)}")
+        if self.kernel != "onednn" and self.pairs is None:
+            raise ValueError(f"kernel {self.kernel!r} needs oneDNN's AB16b64a2b layout, which this weight lacks")
+        if self.kernel == "compiled" and not vnni.available():
+            raise ValueError("kernel 'compiled' needs glmkit's CPU kernels, which are not available here")
+        return self.kernel
 
     def _float32_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) @ weight.T in float32 straight from the packed pairs; returns (M, N) bf16."""
@@ -97,7 +123,7 @@ class PackedLinear(nn.Module):
         return out.permute(1, 0, 2).reshape(M, blocks * _BLOCK_N).to(torch.bfloat16)
 
     def extra_repr(self) -> str:
-        path = "float32 from blocked pairs" if self.pairs is not None else "packed bf16 only"
+        path = "float32 from blocked pairs" if self.pairs is not None else "oneDNN's bf16 kernel only"
         return f"in_features={self.in_features}, out_features={self.out_features}, long inputs: {path}"
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+ARGMAX_BLOCK = 512  # values per block of `argmax_rows` (ChatGLM3's 65024 = 127 x 512)
+
 
 @dataclass
 class SamplingParams:
@@ -136,7 +138,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], *,
             seen = presence_mask(seen, V, device)
         logits = apply_repetition_penalty(logits, seen, torch.tensor(penalties, device=device))
 
-    greedy_ids = logits.argmax(dim=-1)
+    greedy_ids = argmax_rows(logits)
     if all(p.greedy for p in params):
         return greedy_ids
 
@@ -175,6 +177,20 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     penalty = penalty[:, None].to(logits.dtype)
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) of (B, V) logits, the same ids (the first of equal maxima), about 10x faster on a CPU
+    for a large vocabulary: torch's argmax is a scalar loop there, while `amax` is vectorized. So the maximum
+    of each block of 512 is taken with `amax`, then argmax runs over the block maxima and inside the one
+    block that holds the first maximum (16 x 65024 float32, 2 threads: 1.2 ms -> 0.12 ms)."""
+    B, V = logits.shape
+    if V < 4096 or V % ARGMAX_BLOCK or logits.device.type != "cpu":
+        return logits.argmax(dim=-1)
+    blocks = logits.reshape(B, V // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    first = blocks.amax(dim=-1).argmax(dim=-1)  # the first block holding each row's maximum
+    inside = blocks[torch.arange(B, device=logits.device), first].argmax(dim=-1)
+    return first * ARGMAX_BLOCK + inside
 
 
 def filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

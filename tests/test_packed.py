@@ -12,6 +12,7 @@ from glmkit import packed
 from glmkit.config import ModelConfig
 from glmkit.model import ChatGLMForCausalLM
 from glmkit.packed import PackedLinear, pack_linears
+from glmkit.quant import vnni
 
 pytestmark = pytest.mark.skipif(not packed.packing_available(), reason="torch was built without oneDNN")
 
@@ -29,10 +30,18 @@ def reference(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     (64, 40, False),
 ])
 @pytest.mark.parametrize("rows", [1, 7, packed.PACKED_MAX_ROWS, packed.PACKED_MAX_ROWS + 1, 130])
-def test_packed_linear_matches_float32_reference(out_features, in_features, bias, rows):
+@pytest.mark.parametrize("kernel", packed.KERNELS)
+def test_packed_linear_matches_float32_reference(out_features, in_features, bias, rows, kernel):
     torch.manual_seed(out_features + rows)
     linear = torch.nn.Linear(in_features, out_features, bias=bias).bfloat16()
     layer = PackedLinear(linear)
+    layer.kernel = kernel
+    if kernel in ("compiled", "float32") and layer.pairs is None:
+        with pytest.raises(ValueError, match="AB16b64a2b"):
+            layer(torch.randn(rows, in_features).bfloat16())
+        return
+    if kernel == "compiled" and not vnni.available():
+        pytest.skip("glmkit's CPU kernels need AVX-512 and a compiler")
     x = torch.randn(rows, in_features).bfloat16()
     want = reference(x, linear)
     got = layer(x)
@@ -52,17 +61,46 @@ def test_blocked_layout_is_recognised_or_refused_by_shape():
         assert torch.equal(layer.pairs, pairs)
 
 
-def test_float32_path_and_packed_kernel_agree(monkeypatch):
+def test_every_kernel_agrees_and_auto_takes_the_fastest():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 512).bfloat16()
     layer = PackedLinear(linear)
     if layer.pairs is None:
-        pytest.skip("oneDNN chose another layout on this CPU; the float32 path is not used here")
+        pytest.skip("oneDNN chose another layout on this CPU; only its kernel is used here")
     x = torch.randn(80, 256).bfloat16()
-    fast = layer(x)
-    monkeypatch.setattr(packed, "PACKED_MAX_ROWS", 10_000)  # force the packed bf16 kernel
-    slow = layer(x)
-    assert (fast.float() - slow.float()).abs().max() <= 1e-2 * slow.float().abs().max()
+    outputs = {}
+    for kernel in ("onednn", "float32") + (("compiled",) if vnni.available() else ()):
+        layer.kernel = kernel
+        outputs[kernel] = layer(x).float()
+    for out in outputs.values():
+        assert (out - outputs["onednn"]).abs().max() <= 1e-2 * outputs["onednn"].abs().max()
+    layer.kernel = "auto"
+    want = ("compiled", "compiled") if vnni.available() else ("onednn", "float32")
+    assert (layer.choose(1), layer.choose(80)) == want
+    layer.kernel = "mkl"
+    with pytest.raises(ValueError, match="unknown kernel 'mkl'"):
+        layer(x)
+
+
+def test_compiled_kernel_rows_do_not_depend_on_each_other():
+    """Each output is a float32 sum in a fixed order: a row gives the same bits alone or in any batch, so
+    batched decoding reproduces one request's greedy tokens exactly."""
+    if not vnni.available():
+        pytest.skip("glmkit's CPU kernels need AVX-512 and a compiler")
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(96, 192).bfloat16()
+    layer = PackedLinear(linear)
+    if layer.pairs is None:
+        pytest.skip("oneDNN chose another layout on this CPU")
+    x = torch.randn(13, 96).bfloat16()  # two full passes of 6 rows and a partial one
+    batched = layer(x)
+    for i in range(13):
+        assert torch.equal(layer(x[i:i + 1]), batched[i:i + 1])
+    assert torch.equal(layer(x[5:9]), batched[5:9])
+    # Float32 inputs are used as they are (no rounding to bfloat16 first): closer to the float32 product.
+    xf = torch.randn(4, 96)
+    exact = xf.double() @ linear.weight.double().t() + linear.bias.double()
+    assert (layer(xf).double() - exact).abs().max() <= 1e-2 * exact.abs().max()
 
 
 def test_batched_input_shape_and_other_dtypes():

@@ -210,7 +210,8 @@ def test_fallback_when_the_build_fails_warns_once(fresh_vnni, monkeypatch):
         layers_still_work()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1
-    assert "layers use torch's slower CPU kernels: building vnni_linear.cpp failed (RuntimeError: Ninja is required" in messages[0]
+    assert ("layers use torch's slower CPU kernels: building vnni_linear.cpp and bf16_linear.cpp failed "
+            "(RuntimeError: Ninja is required") in messages[0]
 
 
 def test_fallback_on_a_cpu_without_vnni_does_not_compile(fresh_vnni, monkeypatch):

@@ -10,6 +10,7 @@ import torch
 from glmkit.sampling import (
     SamplingParams,
     apply_repetition_penalty,
+    argmax_rows,
     make_generator,
     presence_mask,
     sample,
@@ -197,3 +198,18 @@ def test_params_defaults_and_stop_string():
 def test_row_count_mismatch():
     with pytest.raises(ValueError, match="2 rows"):
         sample(torch.zeros(2, 5), [GREEDY])
+
+
+def test_argmax_rows_equals_torch_argmax_ties_included():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 65024)
+    logits[1, 70] = logits[1, 60000] = 9.0  # equal maxima in two blocks: the first wins
+    logits[2, 1030] = logits[2, 1031] = 9.0  # equal maxima in one block
+    logits[3, 64000:] = -math.inf  # a masked tail
+    logits[4] = -1.0  # all equal: id 0
+    ids = argmax_rows(logits)
+    assert torch.equal(ids, logits.argmax(dim=-1))
+    assert ids.tolist()[1:] == [70, 1030, int(logits[3].argmax()), 0]
+    odd = torch.randn(3, 5001)  # not whole blocks: torch's argmax
+    assert torch.equal(argmax_rows(odd), odd.argmax(dim=-1))
+    assert torch.equal(argmax_rows(logits.t().contiguous().t()), logits.argmax(dim=-1))  # any strides

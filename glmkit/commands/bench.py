@@ -6,8 +6,10 @@
 Each mode runs in a process of its own (so peak memory is its own): it loads the model (a progress bar
 shows on stderr), feeds a prompt of random token ids, then decodes greedily with the KV cache, and
 reports load time, time to first token, prefill and decode tokens/s, and peak RSS. The decode speed is
-set against the memory-bandwidth roofline: tokens/s <= read bandwidth / bytes of weights read per token,
-with the bandwidth measured first, in the same run (a streaming float32 sum over 2 GiB).
+set against the memory-bandwidth roofline: tokens/s <= read bandwidth / bytes of weights read per token.
+A shared machine's bandwidth drifts from minute to minute, so the bandwidth (a streaming float32 sum over
+2 GiB) is measured in the same process, in rounds interleaved with the decode rounds, and the best round
+of each is set against the other. Peak RSS is taken before the bandwidth buffer exists.
 
 With --shape the weights are random and are made layer by layer straight in the mode's format (random
 integers and scales for int8 / int4), so no float copy of the model is ever built; with --model a float
@@ -36,7 +38,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated, of bf16, int8, int4 (default: all three; a quantized "
                              "checkpoint's own mode)")
     parser.add_argument("--prompt", type=int, default=256, metavar="N", help="prompt tokens (default: 256)")
-    parser.add_argument("--new", type=int, default=32, metavar="N", help="tokens to decode (default: 32)")
+    parser.add_argument("--new", type=int, default=32, metavar="N", help="tokens to decode per round (default: 32)")
+    parser.add_argument("--rounds", type=int, default=3, metavar="N",
+                        help="decode rounds, each after a bandwidth reading; the best counts (default: 3)")
     parser.add_argument("--group-size", type=int, default=None, metavar="G",
                         help="int4 inputs per scale (default: 128; int8 uses one scale per output row)")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: one per core)")
@@ -55,8 +59,8 @@ def _modes(text: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.prompt < 1 or args.new < 1:
-        raise CommandError("--prompt and --new must be at least 1")
+    if args.prompt < 1 or args.new < 2 or args.rounds < 1:
+        raise CommandError("--prompt and --rounds must be at least 1, --new at least 2")
     if args.threads is not None and args.threads < 1:
         raise CommandError(f"--threads {args.threads} must be at least 1")
     if args.child:
@@ -70,17 +74,12 @@ def main(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     if args.bandwidth_gib <= 0:
         raise CommandError(f"--bandwidth-gib {args.bandwidth_gib} must be positive")
-    bandwidth = read_bandwidth(args.bandwidth_gib)
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s with {threads} threads; torch {torch.__version__}",
-          flush=True)
-    results = {}
-    for mode in modes:
-        results[mode] = _spawn(args, mode, threads)
-        results[mode]["roofline_tok_s"] = bandwidth / results[mode]["bytes_per_token"]
+    print(f"{threads} threads; torch {torch.__version__}", flush=True)
+    results = {mode: _spawn(args, mode, threads) for mode in modes}
     print(format_table(results, args.prompt))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"bandwidth": bandwidth, "threads": threads, "prompt": args.prompt, "new": args.new,
+            json.dump({"threads": threads, "prompt": args.prompt, "new": args.new, "rounds": args.rounds,
                        "results": results}, f, indent=2)
     return 0
 
@@ -103,7 +102,8 @@ def _default_modes(args: argparse.Namespace) -> list[str]:
 def _spawn(args: argparse.Namespace, mode: str, threads: int) -> dict:
     """Run one mode in a child process; its progress bar goes to our stderr, its result comes back."""
     cmd = [sys.executable, "-m", "glmkit.cli", "bench", "--child", mode, "--prompt", str(args.prompt),
-           "--new", str(args.new), "--threads", str(threads)]
+           "--new", str(args.new), "--rounds", str(args.rounds), "--threads", str(threads),
+           "--bandwidth-gib", str(args.bandwidth_gib)]
     cmd += ["--model", args.model] if args.model else ["--shape", args.shape]
     if args.group_size is not None:
         cmd += ["--group-size", str(args.group_size)]
@@ -112,15 +112,16 @@ def _spawn(args: argparse.Namespace, mode: str, threads: int) -> dict:
     if child.returncode or not lines:
         raise CommandError(f"the {mode} run failed (exit status {child.returncode}):\n{child.stdout}")
     result = json.loads(lines[-1][len("RESULT "):])
-    print(f"{mode}: loaded in {result['load_s']:.1f} s, decode {result['decode_tok_s']:.2f} tok/s", flush=True)
+    print(f"{mode}: loaded in {result['load_s']:.1f} s, decode {result['decode_tok_s']:.2f} tok/s, read bandwidth "
+          f"{result['bandwidth'] / 1e9:.1f} GB/s", flush=True)
     return result
 
 
-def read_bandwidth(gib: float = 2.0, repeats: int = 3) -> float:
-    """Bytes per second of a streaming float32 read (`sum`), best of `repeats`."""
+def read_bandwidth(gib: float = 2.0, repeats: int = 3, buffer=None) -> float:
+    """Bytes per second of a streaming float32 read (`sum`) of `gib` GiB (or of `buffer`), best of `repeats`."""
     import torch
 
-    x = torch.ones(int(gib * 2**30) // 4)
+    x = torch.ones(int(gib * 2**30) // 4) if buffer is None else buffer
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -131,12 +132,13 @@ def read_bandwidth(gib: float = 2.0, repeats: int = 3) -> float:
 
 def format_table(results: dict[str, dict], prompt: int) -> str:
     head = (f"{'mode':<6}{'load s':>8}{'TTFT s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}"
-            f"{'GB/token':>10}{'roofline':>10}{'of roofline':>13}{'peak RSS GB':>13}")
+            f"{'GB/token':>10}{'GB/s':>7}{'roofline':>10}{'of roofline':>13}{'peak RSS GB':>13}")
     rows = [head]
     for mode, r in results.items():
         rows.append(f"{mode:<6}{r['load_s']:>8.1f}{r['ttft_s']:>9.2f}{prompt / r['ttft_s']:>15.2f}"
-                    f"{r['decode_tok_s']:>14.2f}{r['bytes_per_token'] / 1e9:>10.2f}{r['roofline_tok_s']:>10.2f}"
-                    f"{r['decode_tok_s'] / r['roofline_tok_s']:>12.0%}{r['peak_rss'] / 1e9:>13.2f}")
+                    f"{r['decode_tok_s']:>14.2f}{r['bytes_per_token'] / 1e9:>10.2f}{r['bandwidth'] / 1e9:>7.1f}"
+                    f"{r['roofline_tok_s']:>10.2f}{r['decode_tok_s'] / r['roofline_tok_s']:>12.0%}"
+                    f"{r['peak_rss'] / 1e9:>13.2f}")
     return "\n".join(rows)
 
 
@@ -152,25 +154,32 @@ def run_one(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - start
     vocab = min(model.config.padded_vocab_size, 64789)  # ordinary SentencePiece pieces only
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    bandwidth, decode_s, peak = 0.0, float("inf"), 0
     with torch.inference_mode():
-        cache = model.new_kv_cache(1, args.prompt + args.new)
+        cache = model.new_kv_cache(1, args.prompt + args.rounds * args.new)
         start = time.perf_counter()
         token = model(prompt, kv_cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         ttft_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(args.new - 1):
-            token = model(token, kv_cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
-        decode_s = time.perf_counter() - start
+        buffer = None
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            for _ in range(args.new - 1):
+                token = model(token, kv_cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            decode_s = min(decode_s, time.perf_counter() - start)
+            if buffer is None:
+                peak = peak_rss()  # the model's own peak, before the bandwidth buffer
+                buffer = torch.ones(int(args.bandwidth_gib * 2**30) // 4)
+            bandwidth = max(bandwidth, read_bandwidth(buffer=buffer))
     steps = args.new - 1
-    return {"mode": args.child, "load_s": load_s, "ttft_s": ttft_s,
-            "decode_tok_s": steps / decode_s if steps else float("nan"),
-            "bytes_per_token": weight_bytes_per_token(model), "peak_rss": peak_rss(),
-            "threads": torch.get_num_threads()}
+    bytes_per_token = weight_bytes_per_token(model)
+    return {"mode": args.child, "load_s": load_s, "ttft_s": ttft_s, "decode_tok_s": steps / decode_s,
+            "bytes_per_token": bytes_per_token, "bandwidth": bandwidth, "roofline_tok_s": bandwidth / bytes_per_token,
+            "peak_rss": peak, "threads": torch.get_num_threads()}
 
 
 def peak_rss() -> int:
     """This process's peak resident memory in bytes. Linux's VmHWM, because getrusage's ru_maxrss carries
-    the parent's peak over fork and exec (the parent measured bandwidth with a 2 GiB tensor)."""
+    the parent's peak over fork and exec."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:

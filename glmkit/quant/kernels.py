@@ -65,16 +65,19 @@ def input_grad(layer, grad: torch.Tensor) -> torch.Tensor:
 
 # ---- CPU: glmkit's VNNI kernels ----------------------------------------------------------------------------
 
+# (A decode step makes over a hundred of these calls: they skip what costs microseconds and does nothing.)
+
 def vnni_int8(layer, x: torch.Tensor) -> torch.Tensor:
     """int8 weights (any group size) times x quantized to int8 per 32 inputs; reads the stored weight."""
-    return torch.ops.glmkit_vnni.int8_linear(_vnni_input(x), layer.weight, layer.scales, layer.zeros,
-                                             layer.group_size).to(x.dtype)
+    y = torch.ops.glmkit_vnni.int8_linear(_vnni_input(x), layer.weight, layer.scales, layer.zeros, layer.group_size)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def vnni_int4(layer, x: torch.Tensor) -> torch.Tensor:
     """int4 weights in the checkpoint's blocked layout times x quantized to int8 per 32 inputs."""
-    return torch.ops.glmkit_vnni.int4_linear(_vnni_input(x), layer.weight, layer.scales_and_zeros,
-                                             layer.group_size, layer.out_features).to(x.dtype)
+    y = torch.ops.glmkit_vnni.int4_linear(_vnni_input(x), layer.weight, layer.scales_and_zeros, layer.group_size,
+                                          layer.out_features)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _vnni_input(x: torch.Tensor) -> torch.Tensor:
@@ -276,6 +279,8 @@ def choose(layer, x: torch.Tensor) -> Kernel:
     """The kernel for `layer` and input rows x (M, K): the layer's `kernel` if set, else the fastest that
     applies."""
     bits, name = layer.bits, layer.kernel
+    if name == "auto" and x.is_cpu and vnni.available():  # the common case first: the input's device is the layer's
+        return _BY_NAME[bits, "vnni"]
     if name != "auto":
         if name not in KERNELS:
             raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")

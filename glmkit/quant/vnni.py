@@ -1,9 +1,11 @@
-"""The AVX-512 VNNI CPU kernels (csrc/vnni_linear.cpp): built on first use, cached, or absent with a warning.
+"""glmkit's AVX-512 CPU kernels (csrc/): built on first use, cached, or absent with a warning.
 
     from glmkit.quant import vnni
     if vnni.available():          # builds (once per machine and torch version) or loads the library
         y = torch.ops.glmkit_vnni.int4_linear(x, weight, scales_and_zeros, group_size, out_features)
 
+One library holds them all: the int8 / int4 linears (vnni_linear.cpp, ops `glmkit_vnni::*`) and the bfloat16
+linear over oneDNN's packed weight that glmkit.packed uses (bf16_linear.cpp, `glmkit_cpu::bf16_linear`).
 The library is compiled with torch.utils.cpp_extension (g++ and ninja) into a cache folder named after the
 source, the flags and the torch version, so a later process only loads it. It is not built where it cannot
 run: the CPU must have AVX-512 F/BW/VL with VNNI and VBMI (checked before compiling; the flags are explicit,
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "vnni_linear.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("vnni_linear.cpp", "bf16_linear.cpp")]
 NAME = "glmkit_vnni"
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"]
 LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch has loaded already (same soname): one thread pool
@@ -50,9 +52,9 @@ def available() -> bool:
             load()
             return True
         except Exception as e:  # noqa: BLE001 (no compiler or ninja, a compile error: fall back, never crash)
-            reason = f"building {SOURCE.name} failed ({_first_line(e)})"
-    warnings.warn(f"glmkit: int8/int4 layers use torch's slower CPU kernels: {reason}. Set {DISABLE_VARIABLE}=0 "
-                  "to silence this.", RuntimeWarning, stacklevel=2)
+            reason = f"building {' and '.join(s.name for s in SOURCES)} failed ({_first_line(e)})"
+    warnings.warn(f"glmkit: int8/int4 and packed bfloat16 layers use torch's slower CPU kernels: {reason}. Set "
+                  f"{DISABLE_VARIABLE}=0 to silence this.", RuntimeWarning, stacklevel=2)
     return False
 
 
@@ -82,7 +84,8 @@ def _cpu_features() -> set[str] | None:
 def build_dir() -> Path:
     """Where the library is built: one folder per source, flags and torch version."""
     base = os.environ.get("GLMKIT_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "glmkit"
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode() + torch.__version__.encode())
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(CFLAGS + LDFLAGS).encode()
+                         + torch.__version__.encode())
     tag = f"{NAME}-torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}"
     return Path(base).expanduser() / f"{tag}-{key.hexdigest()[:12]}"
 
@@ -110,6 +113,10 @@ def _register_fakes() -> None:
     def _int8(x, weight, scales, zeros, group_size):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("glmkit_cpu::bf16_linear")
+    def _bf16(x, pairs):
+        return x.new_empty(x.shape[0], pairs.shape[0] * pairs.shape[2], dtype=torch.bfloat16)
+
 
 def _compile(folder: Path) -> Path:
     from torch.utils import cpp_extension
@@ -118,11 +125,11 @@ def _compile(folder: Path) -> Path:
     lock = folder / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
         lock.unlink(missing_ok=True)
-    print(f"glmkit: compiling the int8/int4 CPU kernels into {folder} (once, 20-60 s)", file=sys.stderr,
+    print(f"glmkit: compiling the CPU kernels into {folder} (once, 20-60 s)", file=sys.stderr,
           flush=True)
     start = time.perf_counter()
     # (copies of the flag lists: cpp_extension appends to them)
-    path = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+    path = cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                               build_directory=str(folder), is_python_module=False, verbose=False)
     print(f"glmkit: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return Path(path)
