@@ -8,5 +8,8 @@ if [ ! -x .venv/bin/glmkit ]; then
   # The pinned CPU torch first: an unpinned one would pull gigabytes of CUDA packages.
   .venv/bin/python -m pip install -q torch==2.13.0
   .venv/bin/python -m pip install -q -e .
+  # glmkit's AVX-512 CPU kernels are compiled on first use; do it here, with the set-up, not at the first reply
+  # (a CPU or system that cannot build them is told so once, and glmkit uses torch's kernels).
+  .venv/bin/python -c "from glmkit.quant import vnni; vnni.available()"
 fi
 exec .venv/bin/glmkit chat "$@"
