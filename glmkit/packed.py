@@ -123,8 +123,8 @@ class PackedLinear(nn.Module):
         return out.permute(1, 0, 2).reshape(M, blocks * _BLOCK_N).to(torch.bfloat16)
 
     def extra_repr(self) -> str:
-        path = "float32 from blocked pairs" if self.pairs is not None else "oneDNN's bf16 kernel only"
-        return f"in_features={self.in_features}, out_features={self.out_features}, long inputs: {path}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel} "
+                f"(now: {self.choose(1)} for one row, {self.choose(PACKED_MAX_ROWS + 1)} for many)")
 
 
 def pack_linears(model: nn.Module) -> nn.Module:

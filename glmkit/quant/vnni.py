@@ -84,7 +84,8 @@ def _cpu_features() -> set[str] | None:
 def build_dir() -> Path:
     """Where the library is built: one folder per source, flags and torch version."""
     base = os.environ.get("GLMKIT_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "glmkit"
-    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(CFLAGS + LDFLAGS).encode()
+    files = sorted(SOURCES[0].parent.glob("*.[ch]*"))  # the sources and the header they share
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(CFLAGS + LDFLAGS).encode()
                          + torch.__version__.encode())
     tag = f"{NAME}-torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}"
     return Path(base).expanduser() / f"{tag}-{key.hexdigest()[:12]}"

@@ -21,6 +21,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "bf16_round.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -67,18 +69,6 @@ void block_rows(int mr, const int32_t* block, int64_t pairs, const float* x, int
   }
 }
 
-// 64 float32 values to bfloat16, rounded to nearest even (as torch rounds).
-inline void store_bf16(const float* src, c10::BFloat16* dst) {
-  for (int i = 0; i < BLOCK_N; i += 16) {
-    const __m512 v = _mm512_loadu_ps(src + i);
-    __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
-    u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));  // NaN
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(u));
-  }
-}
-
 // x (M, K) bfloat16 or float32, pairs (N/64, K/2, 64) int32: x @ W.T as (M, N) bfloat16.
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& pairs) {
   TORCH_CHECK(x.dim() == 2, "expected input rows (M, K), got ", x.dim(), " dimensions");
@@ -100,7 +90,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& pairs) {
       for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
         const int mr = int(std::min<int64_t>(ROWS, M - m0));
         block_rows(mr, wp + b * P * BLOCK_N, P, xp + m0 * K, K, out);
-        for (int m = 0; m < mr; ++m) store_bf16(out + m * BLOCK_N, yp + (m0 + m) * N + b * BLOCK_N);
+        for (int m = 0; m < mr; ++m) glmkit_csrc::store_bf16(out + m * BLOCK_N, yp + (m0 + m) * N + b * BLOCK_N, BLOCK_N);
       }
     }
   });

@@ -30,6 +30,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "bf16_round.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -43,9 +45,7 @@ constexpr int64_t ROWS4 = 64;  // output rows per int4 block (layout.BLOCK_N)
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
-}
+using glmkit_csrc::mask16;
 
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
@@ -133,17 +133,7 @@ std::vector<float> group_sums(const Activations& a, int64_t groups) {
 // Results go straight into the output tensor, float32 or bfloat16 (rounded to nearest even, as torch does).
 inline void store(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
-inline void store(const float* src, c10::BFloat16* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = mask16(n - i);
-    const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
-    __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
-    u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));  // NaN
-    _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(u));
-  }
-}
+inline void store(const float* src, c10::BFloat16* dst, int64_t n) { glmkit_csrc::store_bf16(src, dst, n); }
 
 inline void store(float v, float* dst) { *dst = v; }
 inline void store(float v, c10::BFloat16* dst) { *dst = c10::BFloat16(v); }
