@@ -120,7 +120,7 @@ def cmd_kernels(args) -> None:
     the best of each is kept, so that a round disturbed by other work on the machine does not count."""
     from glmkit.commands.bench import read_bandwidth
 
-    columns = [c for c in KERNEL_COLUMNS if c[1] != "vnni" or kernels.vnni.available()]
+    columns = [c for c in KERNEL_COLUMNS if c[1] != "vnni" or kernels.cpu_kernels.available()]
     wanted = SHAPES_6B if args.shapes is None else args.shapes.split(",")
     shapes = [s for s in SHAPES_6B if s in wanted or s[0] in wanted]
     for threads in args.threads:
@@ -160,7 +160,7 @@ def cmd_rows(args) -> None:
     layers = {kind: make_layers(kind, k, n, 1)[0] for kind in ("bf16", "int8", "int4-g128")}
     columns = [("bf16", "auto"), ("int8", "vnni"), ("int8", "cpu"), ("int8", "float32"), ("int4-g128", "vnni"),
                ("int4-g128", "cpu"), ("int4-g128", "float32")]
-    columns = [c for c in columns if c[1] != "vnni" or kernels.vnni.available()]
+    columns = [c for c in columns if c[1] != "vnni" or kernels.cpu_kernels.available()]
     print(f"x (rows, {k}) @ ({n}, {k}).T, ms per call, {args.threads[0]} thread(s); bf16 is glmkit.packed")
     print(f"{'rows':>6}" + "".join(f"{kind + ' ' + kernel:>18}" for kind, kernel in columns))
     with torch.inference_mode():
@@ -260,7 +260,7 @@ def cmd_quality(args) -> None:
             print(f"{_label(quant):<34} skipped: {e}")
             continue
         # "reference": the weights' quantization alone, in float32; "vnni": plus inputs rounded to int8 per 32
-        for kernel in ("reference", "vnni") if kernels.vnni.available() else ("reference",):
+        for kernel in ("reference", "vnni") if kernels.cpu_kernels.available() else ("reference",):
             for module in model.modules():
                 if isinstance(module, (Int8Linear, Int4Linear)):
                     module.kernel = kernel

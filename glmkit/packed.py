@@ -8,7 +8,7 @@ Several rows at once (prompts, batched decoding) are compute-bound, and there th
 float32 about 1.5x faster than oneDNN's bf16 kernel. So the packed weight is also read a second way: on
 CPUs with AVX512-BF16, oneDNN's layout is `AB16b64a2b` — blocks of 64 output features, each a (K/2, 64)
 table of pairs of bf16 inputs. Seen as int32, a pair becomes two float32 values by two bit operations.
-glmkit's compiled kernel (`glmkit.quant.vnni`, csrc/bf16_linear.cpp) does exactly that in registers and
+glmkit's compiled kernel (`glmkit.cpu_kernels`, csrc/bf16_linear.cpp) does exactly that in registers and
 multiplies in float32, at every row count: 1.2-1.3x oneDNN's speed at one row, 1.4-1.8x at 4-64 rows,
 1.15-1.5x MKL's float32 product at 128-256 rows. Without the compiled kernels, long inputs unpack a few
 blocks to float32 at a time for a batched float32 matmul, and short ones use oneDNN. The layout is checked
@@ -25,7 +25,7 @@ import ctypes
 import torch
 from torch import nn
 
-from .quant import vnni
+from . import cpu_kernels
 
 # Without the compiled kernel: rows at or below this go through oneDNN's bf16 kernel; above it the
 # float32 path is faster.
@@ -94,14 +94,14 @@ class PackedLinear(nn.Module):
     def choose(self, rows: int) -> str:
         """The kernel for `rows` input rows: the layer's `kernel` if set (and possible here), else the fastest."""
         if self.kernel == "auto":
-            if self.pairs is not None and vnni.available():
+            if self.pairs is not None and cpu_kernels.available():
                 return "compiled"
             return "onednn" if rows <= PACKED_MAX_ROWS or self.pairs is None else "float32"
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}; use one of {', '.join(KERNELS)}")
         if self.kernel != "onednn" and self.pairs is None:
             raise ValueError(f"kernel {self.kernel!r} needs oneDNN's AB16b64a2b layout, which this weight lacks")
-        if self.kernel == "compiled" and not vnni.available():
+        if self.kernel == "compiled" and not cpu_kernels.available():
             raise ValueError("kernel 'compiled' needs glmkit's CPU kernels, which are not available here")
         return self.kernel
 

@@ -10,6 +10,6 @@ if [ ! -x .venv/bin/glmkit ]; then
   .venv/bin/python -m pip install -q -e .
   # glmkit's AVX-512 CPU kernels are compiled on first use; do it here, with the set-up, not at the first reply
   # (a CPU or system that cannot build them is told so once, and glmkit uses torch's kernels).
-  .venv/bin/python -c "from glmkit.quant import vnni; vnni.available()"
+  .venv/bin/python -c "from glmkit import cpu_kernels; cpu_kernels.available()"
 fi
 exec .venv/bin/glmkit chat "$@"

@@ -12,7 +12,7 @@ from glmkit import packed
 from glmkit.config import ModelConfig
 from glmkit.model import ChatGLMForCausalLM
 from glmkit.packed import PackedLinear, pack_linears
-from glmkit.quant import vnni
+from glmkit import cpu_kernels
 
 pytestmark = pytest.mark.skipif(not packed.packing_available(), reason="torch was built without oneDNN")
 
@@ -40,7 +40,7 @@ def test_packed_linear_matches_float32_reference(out_features, in_features, bias
         with pytest.raises(ValueError, match="AB16b64a2b"):
             layer(torch.randn(rows, in_features).bfloat16())
         return
-    if kernel == "compiled" and not vnni.available():
+    if kernel == "compiled" and not cpu_kernels.available():
         pytest.skip("glmkit's CPU kernels need AVX-512 and a compiler")
     x = torch.randn(rows, in_features).bfloat16()
     want = reference(x, linear)
@@ -69,13 +69,13 @@ def test_every_kernel_agrees_and_auto_takes_the_fastest():
         pytest.skip("oneDNN chose another layout on this CPU; only its kernel is used here")
     x = torch.randn(80, 256).bfloat16()
     outputs = {}
-    for kernel in ("onednn", "float32") + (("compiled",) if vnni.available() else ()):
+    for kernel in ("onednn", "float32") + (("compiled",) if cpu_kernels.available() else ()):
         layer.kernel = kernel
         outputs[kernel] = layer(x).float()
     for out in outputs.values():
         assert (out - outputs["onednn"]).abs().max() <= 1e-2 * outputs["onednn"].abs().max()
     layer.kernel = "auto"
-    want = ("compiled", "compiled") if vnni.available() else ("onednn", "float32")
+    want = ("compiled", "compiled") if cpu_kernels.available() else ("onednn", "float32")
     assert (layer.choose(1), layer.choose(80)) == want
     layer.kernel = "mkl"
     with pytest.raises(ValueError, match="unknown kernel 'mkl'"):
@@ -85,7 +85,7 @@ def test_every_kernel_agrees_and_auto_takes_the_fastest():
 def test_compiled_kernel_rows_do_not_depend_on_each_other():
     """Each output is a float32 sum in a fixed order: a row gives the same bits alone or in any batch, so
     batched decoding reproduces one request's greedy tokens exactly."""
-    if not vnni.available():
+    if not cpu_kernels.available():
         pytest.skip("glmkit's CPU kernels need AVX-512 and a compiler")
     torch.manual_seed(1)
     linear = torch.nn.Linear(96, 192).bfloat16()

@@ -174,11 +174,11 @@ def test_cpu_kernels_equal_the_reference(scheme, n, k, rows):
 def test_auto_uses_the_vnni_kernels_else_torchs_for_few_rows_and_float32_for_many(monkeypatch):
     layer = Int4Linear.from_float(torch.nn.Linear(128, 64), Scheme(4, 32, True))
     grouped_int8 = Int8Linear.from_float(torch.nn.Linear(128, 64), Scheme(8, 32, True))
-    if kernels.vnni.available():  # glmkit's kernels take every row count of every layout
+    if kernels.cpu_kernels.available():  # glmkit's kernels take every row count of every layout
         for rows in (1, 300):
             assert kernels.choose(layer, torch.zeros(rows, 128)) is kernels.vnni_int4
             assert kernels.choose(grouped_int8, torch.zeros(rows, 128)) is kernels.vnni_int8
-    monkeypatch.setattr(kernels.vnni, "available", lambda: False)  # as on a CPU without them
+    monkeypatch.setattr(kernels.cpu_kernels, "available", lambda: False)  # as on a CPU without them
     assert kernels.choose(layer, torch.zeros(1, 128)) is kernels.cpu_int4
     assert kernels.choose(layer, torch.zeros(kernels.INT4_KERNEL_MAX_ROWS + 1, 128)) is kernels.float32_int4
     assert kernels.choose(grouped_int8, torch.zeros(1, 128)) is kernels.float32_int8  # torch's int8 kernel: rows only
@@ -256,7 +256,7 @@ def test_quantized_tiny_model_decodes_as_its_dequantized_float_twin(quant):
     set_kernel(model, "reference")
     prompt = torch.tensor([[1000, 1001, 5, 17, 3, 99, 42, 7]])
     assert greedy(model, prompt, 12) == greedy(twin, prompt, 12)
-    if kernels.vnni.available():  # activations rounded to int8 per 32 inputs: the same tokens still
+    if kernels.cpu_kernels.available():  # activations rounded to int8 per 32 inputs: the same tokens still
         set_kernel(model, "vnni")
         assert greedy(model, prompt, 12) == greedy(twin, prompt, 12)
     # The fast kernels, in bfloat16, stay close to the float32 twin.

@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmkit.quant import Int4Linear, Int8Linear, Scheme, kernels, vnni
+from glmkit import cpu_kernels
+from glmkit.quant import Int4Linear, Int8Linear, Scheme, kernels
 
 SCHEMES = [Scheme(8, 0, True), Scheme(8, 0, False), Scheme(8, 32, True), Scheme(8, 64, False), Scheme(8, 128, True),
            Scheme(4, 32, True), Scheme(4, 64, False), Scheme(4, 128, True), Scheme(4, 32, False)]
@@ -70,14 +71,14 @@ def scale_magnitude(layer) -> torch.Tensor:
 def test_this_machine_builds_the_kernels_where_its_cpu_can_run_them():
     import shutil
 
-    can = vnni.missing_cpu_features() is None and shutil.which("ninja") and shutil.which("c++")
+    can = cpu_kernels.missing_cpu_features() is None and shutil.which("ninja") and shutil.which("c++")
     if can:
-        assert vnni.available(), "the CPU has AVX-512 VNNI and a compiler is present, but the kernels did not load"
+        assert cpu_kernels.available(), "the CPU has AVX-512 VNNI and a compiler is present, but the kernels did not load"
     else:  # then the layers must still work, on torch's kernels (test_fallback_* below)
-        assert not vnni.available()
+        assert not cpu_kernels.available()
 
 
-needs_vnni = pytest.mark.skipif(not vnni.available(), reason="the CPU lacks AVX-512 VNNI/VBMI, or no compiler")
+needs_vnni = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU lacks AVX-512 VNNI/VBMI, or no compiler")
 
 
 @needs_vnni
@@ -89,7 +90,7 @@ def test_activations_are_quantized_exactly_as_documented(k, dtype):
     x[0, :min(k, 32)] = 0  # an all-zero block: dx = 0, xq = 0
     x[1, k // 2] = 300.0  # an outlier: its block's others round to few levels
     x[2, :4] = torch.tensor([0.5, -0.5, 1.5, 127.0]).to(dtype)  # ties round half to even: 0, 0, 2 at dx = 1
-    xq, dx = torch.ops.glmkit_vnni.quantize_rows(x)
+    xq, dx = torch.ops.glmkit_cpu.quantize_rows(x)
     want_q, want_dx = quantize_rows(x)
     assert torch.equal(xq, want_q) and torch.equal(dx, want_dx)
     assert xq[2, :4].tolist() == [0, 0, 2, 127]
@@ -160,9 +161,9 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="expects 128 input features, got 64"):
         layer(torch.randn(2, 64))
     with pytest.raises(RuntimeError, match="features"):
-        torch.ops.glmkit_vnni.int4_linear(torch.randn(1, 96), layer.weight, layer.scales_and_zeros, 32, 64)
+        torch.ops.glmkit_cpu.int4_linear(torch.randn(1, 96), layer.weight, layer.scales_and_zeros, 32, 64)
     with pytest.raises(RuntimeError, match="group size 48"):
-        torch.ops.glmkit_vnni.int4_linear(torch.randn(1, 128), layer.weight, layer.scales_and_zeros, 48, 64)
+        torch.ops.glmkit_cpu.int4_linear(torch.randn(1, 128), layer.weight, layer.scales_and_zeros, 48, 64)
 
 
 @needs_vnni
@@ -180,10 +181,10 @@ def test_torch_compile_traces_through_the_kernels():
 
 @pytest.fixture
 def fresh_vnni():
-    """`vnni.available()` decided anew in the test, and again after it."""
-    vnni.available.cache_clear()
+    """`cpu_kernels.available()` decided anew in the test, and again after it."""
+    cpu_kernels.available.cache_clear()
     yield
-    vnni.available.cache_clear()
+    cpu_kernels.available.cache_clear()
 
 
 def layers_still_work():
@@ -202,11 +203,11 @@ def test_fallback_when_the_build_fails_warns_once(fresh_vnni, monkeypatch):
     def no_compiler():
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
-    monkeypatch.setattr(vnni, "missing_cpu_features", lambda: None)
-    monkeypatch.setattr(vnni, "load", no_compiler)
+    monkeypatch.setattr(cpu_kernels, "missing_cpu_features", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "load", no_compiler)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not vnni.available() and not vnni.available()
+        assert not cpu_kernels.available() and not cpu_kernels.available()
         layers_still_work()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1
@@ -215,16 +216,16 @@ def test_fallback_when_the_build_fails_warns_once(fresh_vnni, monkeypatch):
 
 
 def test_fallback_on_a_cpu_without_vnni_does_not_compile(fresh_vnni, monkeypatch):
-    monkeypatch.setattr(vnni, "_cpu_features", lambda: {"avx512_f", "avx512_bw", "avx512_vl"})
-    monkeypatch.setattr(vnni, "load", lambda: pytest.fail("compiled for a CPU that cannot run it"))
+    monkeypatch.setattr(cpu_kernels, "_cpu_features", lambda: {"avx512_f", "avx512_bw", "avx512_vl"})
+    monkeypatch.setattr(cpu_kernels, "load", lambda: pytest.fail("compiled for a CPU that cannot run it"))
     with pytest.warns(RuntimeWarning, match="this CPU lacks avx512_vnni, avx512_vbmi"):
-        assert not vnni.available()
+        assert not cpu_kernels.available()
     layers_still_work()
 
 
-def test_glmkit_vnni_0_turns_the_kernels_off_quietly(fresh_vnni, monkeypatch):
-    monkeypatch.setenv("GLMKIT_VNNI", "0")
+def test_glmkit_cpu_kernels_0_turns_the_kernels_off_quietly(fresh_vnni, monkeypatch):
+    monkeypatch.setenv("GLMKIT_CPU_KERNELS", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not vnni.available()
+        assert not cpu_kernels.available()
     layers_still_work()

@@ -6,7 +6,7 @@
 Two verbs, as in gpt-fast: a state-dict transform (float weight -> integer weight + bfloat16 scales) and a
 module swap (`Int8Linear` / `Int4Linear` / `QuantizedEmbedding` for nn.Linear / nn.Embedding). The model
 file does not change. Parts: `scheme` (settings and math), `layout` (memory and checkpoint layout),
-`kernels` (the matrix products), `vnni` (the compiled CPU kernels of csrc/), `linear` (the layers),
+`kernels` (the matrix products, glmkit.cpu_kernels' among them), `linear` (the layers),
 `convert` (the model swap), `checkpoint` (writing and memory-mapping quantized checkpoints).
 """
 

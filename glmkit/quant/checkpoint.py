@@ -33,7 +33,7 @@ from ..loader import (
     _names,
     map_safetensors,
 )
-from . import vnni
+from .. import cpu_kernels
 from .scheme import QuantConfig, QuantConfigError, as_quant_config
 
 CONFIG_KEY = "quantization"  # in config.json
@@ -153,7 +153,7 @@ def load_quantized_weights(model, folder: Path, device: torch.device, skip: str 
         loaded.update(placed)
     _check_missing(files.source, set(expected) - loaded, model.config, by_index=False)
     if device.type == "cpu":
-        vnni.available()  # load (or build, once per machine) the CPU kernels now, not at the first prompt
+        cpu_kernels.available()  # load (or build, once per machine) the CPU kernels now, not at the first prompt
 
 
 def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

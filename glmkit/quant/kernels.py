@@ -6,7 +6,7 @@ and benchmarks use it). Every kernel is tested against `reference`, which dequan
 to float32 and multiplies: slow, obviously right, and the fallback wherever no kernel applies.
 
 Measured on a 2-core AVX-512 CPU at ChatGLM3-6B's shapes (benchmarks/bench_quant.py kernels / rows):
-- CPU, any number of rows: glmkit's VNNI kernels (`vnni.py`, csrc/vnni_linear.cpp: inputs quantized to
+- CPU, any number of rows: glmkit's VNNI kernels (`glmkit.cpu_kernels`, csrc/vnni_linear.cpp: inputs quantized to
   int8 per 32 values, integer dot products, the checkpoint layout read in place). One row (decode) runs at
   the memory bandwidth (int4 and int8 about 100% of a streaming read with one thread; torch's int4 kernel
   66%, its int8 kernel 80%); a 256-row prompt about 3x faster than the bfloat16 path (4608 x 4096, one
@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import vnni
+from .. import cpu_kernels
 from .layout import BLOCK_N, pack_int4_blocked, pack_int4_rows, unpack_int4_blocked
 
 # Without the VNNI kernels: above these many rows, dequantizing to float32 blocks and multiplying beats
@@ -69,13 +69,13 @@ def input_grad(layer, grad: torch.Tensor) -> torch.Tensor:
 
 def vnni_int8(layer, x: torch.Tensor) -> torch.Tensor:
     """int8 weights (any group size) times x quantized to int8 per 32 inputs; reads the stored weight."""
-    y = torch.ops.glmkit_vnni.int8_linear(_vnni_input(x), layer.weight, layer.scales, layer.zeros, layer.group_size)
+    y = torch.ops.glmkit_cpu.int8_linear(_vnni_input(x), layer.weight, layer.scales, layer.zeros, layer.group_size)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def vnni_int4(layer, x: torch.Tensor) -> torch.Tensor:
     """int4 weights in the checkpoint's blocked layout times x quantized to int8 per 32 inputs."""
-    y = torch.ops.glmkit_vnni.int4_linear(_vnni_input(x), layer.weight, layer.scales_and_zeros, layer.group_size,
+    y = torch.ops.glmkit_cpu.int4_linear(_vnni_input(x), layer.weight, layer.scales_and_zeros, layer.group_size,
                                           layer.out_features)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -86,7 +86,7 @@ def _vnni_input(x: torch.Tensor) -> torch.Tensor:
 
 def vnni_applies(layer) -> bool:
     """Every int8 / int4 layout on a CPU that runs the library (int4 groups are multiples of 32)."""
-    return layer.weight.device.type == "cpu" and vnni.available()
+    return layer.weight.device.type == "cpu" and cpu_kernels.available()
 
 
 # ---- CPU: torch's kernels -----------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def choose(layer, x: torch.Tensor) -> Kernel:
     """The kernel for `layer` and input rows x (M, K): the layer's `kernel` if set, else the fastest that
     applies."""
     bits, name = layer.bits, layer.kernel
-    if name == "auto" and x.is_cpu and vnni.available():  # the common case first: the input's device is the layer's
+    if name == "auto" and x.is_cpu and cpu_kernels.available():  # the common case first: the input's device is the layer's
         return _BY_NAME[bits, "vnni"]
     if name != "auto":
         if name not in KERNELS:

@@ -99,6 +99,6 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& pairs) {
 
 }  // namespace
 
-TORCH_LIBRARY(glmkit_cpu, m) { m.def("bf16_linear(Tensor x, Tensor pairs) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(glmkit_cpu, m) { m.def("bf16_linear(Tensor x, Tensor pairs) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(glmkit_cpu, CPU, m) { m.impl("bf16_linear", &bf16_linear); }

@@ -1,17 +1,17 @@
 """glmkit's AVX-512 CPU kernels (csrc/): built on first use, cached, or absent with a warning.
 
-    from glmkit.quant import vnni
-    if vnni.available():          # builds (once per machine and torch version) or loads the library
-        y = torch.ops.glmkit_vnni.int4_linear(x, weight, scales_and_zeros, group_size, out_features)
+    from glmkit import cpu_kernels
+    if cpu_kernels.available():  # builds (once per machine and torch version) or loads the library
+        y = torch.ops.glmkit_cpu.int4_linear(x, weight, scales_and_zeros, group_size, out_features)
 
-One library holds them all: the int8 / int4 linears (vnni_linear.cpp, ops `glmkit_vnni::*`) and the bfloat16
+One library holds them all: the int8 / int4 linears (vnni_linear.cpp, ops `glmkit_cpu::*`) and the bfloat16
 linear over oneDNN's packed weight that glmkit.packed uses (bf16_linear.cpp, `glmkit_cpu::bf16_linear`).
 The library is compiled with torch.utils.cpp_extension (g++ and ninja) into a cache folder named after the
 source, the flags and the torch version, so a later process only loads it. It is not built where it cannot
 run: the CPU must have AVX-512 F/BW/VL with VNNI and VBMI (checked before compiling; the flags are explicit,
 not -march=native, so the cached library does not depend on the machine that built it). Without a compiler,
 on another CPU, or when the build fails, `available()` warns once and returns False, and the quantized
-linears use torch's kernels (`kernels.py`). GLMKIT_VNNI=0 turns the kernels off without a warning.
+linears use torch's kernels (`kernels.py`). GLMKIT_CPU_KERNELS=0 turns the kernels off without a warning.
 
 Cache folder: $GLMKIT_KERNEL_CACHE, else $XDG_CACHE_HOME/glmkit (default ~/.cache/glmkit).
 """
@@ -30,20 +30,20 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("vnni_linear.cpp", "bf16_linear.cpp")]
-NAME = "glmkit_vnni"
+NAME = "glmkit_cpu"
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"]
 LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch has loaded already (same soname): one thread pool
 # CPU features the library needs, as torch.cpu.get_capabilities() and /proc/cpuinfo name them.
 FEATURES = {"avx512_f": "avx512f", "avx512_bw": "avx512bw", "avx512_vl": "avx512vl", "avx512_vnni": "avx512_vnni",
             "avx512_vbmi": "avx512vbmi"}
-DISABLE_VARIABLE = "GLMKIT_VNNI"
+DISABLE_VARIABLE = "GLMKIT_CPU_KERNELS"
 STALE_LOCK_SECONDS = 600  # a build killed midway leaves cpp_extension's lock file, which would block forever
 
 
 @functools.cache
 @torch.compiler.assume_constant_result  # torch.compile sees through the cache: evaluate, do not trace
 def available() -> bool:
-    """Whether torch.ops.glmkit_vnni is usable; the first call builds or loads the library."""
+    """Whether torch.ops.glmkit_cpu is usable; the first call builds or loads the library."""
     if os.environ.get(DISABLE_VARIABLE, "1") == "0":
         return False
     reason = missing_cpu_features()
