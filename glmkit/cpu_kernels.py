@@ -4,14 +4,16 @@
     if cpu_kernels.available():  # builds (once per machine and torch version) or loads the library
         y = torch.ops.glmkit_cpu.int4_linear(x, weight, scales_and_zeros, group_size, out_features)
 
-One library holds them all: the int8 / int4 linears (vnni_linear.cpp, ops `glmkit_cpu::*`) and the bfloat16
-linear over oneDNN's packed weight that glmkit.packed uses (bf16_linear.cpp, `glmkit_cpu::bf16_linear`).
+One library, ops `glmkit_cpu::*`, holds them all: the int8 / int4 linears (vnni_linear.cpp), the bfloat16
+linear over oneDNN's packed weight that glmkit.packed uses (bf16_linear.cpp), and the model's RMSNorm and
+one-query attention for inference (layer_ops.cpp).
 The library is compiled with torch.utils.cpp_extension (g++ and ninja) into a cache folder named after the
 source, the flags and the torch version, so a later process only loads it. It is not built where it cannot
 run: the CPU must have AVX-512 F/BW/VL with VNNI and VBMI (checked before compiling; the flags are explicit,
 not -march=native, so the cached library does not depend on the machine that built it). Without a compiler,
-on another CPU, or when the build fails, `available()` warns once and returns False, and the quantized
-linears use torch's kernels (`kernels.py`). GLMKIT_CPU_KERNELS=0 turns the kernels off without a warning.
+on another CPU, or when the build fails, `available()` warns once and returns False, and everything runs on
+torch's kernels (for the quantized linears, see `glmkit.quant.kernels`). GLMKIT_CPU_KERNELS=0 turns the
+kernels off without a warning.
 
 Cache folder: $GLMKIT_KERNEL_CACHE, else $XDG_CACHE_HOME/glmkit (default ~/.cache/glmkit).
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("vnni_linear.cpp", "bf16_linear.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("vnni_linear.cpp", "bf16_linear.cpp", "layer_ops.cpp")]
 NAME = "glmkit_cpu"
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"]
 LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch has loaded already (same soname): one thread pool
@@ -52,8 +54,8 @@ def available() -> bool:
             load()
             return True
         except Exception as e:  # noqa: BLE001 (no compiler or ninja, a compile error: fall back, never crash)
-            reason = f"building {' and '.join(s.name for s in SOURCES)} failed ({_first_line(e)})"
-    warnings.warn(f"glmkit: int8/int4 and packed bfloat16 layers use torch's slower CPU kernels: {reason}. Set "
+            reason = f"building {', '.join(s.name for s in SOURCES)} failed ({_first_line(e)})"
+    warnings.warn(f"glmkit: the model runs on torch's slower CPU kernels: {reason}. Set "
                   f"{DISABLE_VARIABLE}=0 to silence this.", RuntimeWarning, stacklevel=2)
     return False
 
@@ -114,9 +116,17 @@ def _register_fakes() -> None:
     def _int8(x, weight, scales, zeros, group_size):
         return x.new_empty(x.shape[0], weight.shape[0])
 
-    @torch.library.register_fake("glmkit_cpu::bf16_linear")
+    @torch.library.register_fake(f"{NAME}::bf16_linear")
     def _bf16(x, pairs):
         return x.new_empty(x.shape[0], pairs.shape[0] * pairs.shape[2], dtype=torch.bfloat16)
+
+    @torch.library.register_fake(f"{NAME}::rms_norm")
+    def _rms_norm(x, weight, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"{NAME}::attention_decode")
+    def _attention(q, k, v, mask):
+        return q.new_empty(q.shape[0], 1, q.shape[1] * q.shape[3])
 
 
 def _compile(folder: Path) -> Path:

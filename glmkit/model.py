@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .config import ModelConfig
+
+
+def compiled_ops(x: torch.Tensor) -> bool:
+    """Whether glmkit's compiled CPU ops (`glmkit.cpu_kernels`) take this call: inference, on a CPU that
+    runs them, in float32 or bfloat16. They compute as the torch code beside them, faster at decode sizes."""
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float32)
+            and cpu_kernels.available())
 
 
 class RMSNorm(nn.Module):
@@ -23,8 +31,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op, computing in float32 and rounding once, as the official
+        # Computing in float32 and rounding once, as the official
         # `(weight * (x.float() * rsqrt(mean(x.float() ** 2) + eps))).to(x.dtype)` does.
+        if compiled_ops(x):
+            return torch.ops.glmkit_cpu.rms_norm(x, self.weight.to(x.dtype), self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
@@ -102,8 +112,12 @@ class SelfAttention(nn.Module):
         elif prefix_kv is not None:
             k = torch.cat((prefix_kv[0], k), dim=2)
             v = torch.cat((prefix_kv[1], v), dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G != H)
-        return self.dense(out.transpose(1, 2).reshape(B, T, H * D))
+        if T == 1 and not is_causal and D <= 256 and (mask is None or mask.dtype == torch.bool) and compiled_ops(q):
+            out = torch.ops.glmkit_cpu.attention_decode(q, k, v, mask)  # decoding: (B, 1, H * D)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G != H)
+            out = out.transpose(1, 2).reshape(B, T, H * D)
+        return self.dense(out)
 
 
 class MLP(nn.Module):

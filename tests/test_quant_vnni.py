@@ -211,7 +211,7 @@ def test_fallback_when_the_build_fails_warns_once(fresh_vnni, monkeypatch):
         layers_still_work()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1
-    assert ("layers use torch's slower CPU kernels: building vnni_linear.cpp and bf16_linear.cpp failed "
+    assert ("runs on torch's slower CPU kernels: building vnni_linear.cpp, bf16_linear.cpp, layer_ops.cpp failed "
             "(RuntimeError: Ninja is required") in messages[0]
 
 
