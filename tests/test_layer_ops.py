@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_model
 
 import glmkit.model as model_module
 from glmkit import cpu_kernels
-from tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU lacks AVX-512 VNNI/VBMI, or no compiler")
 
