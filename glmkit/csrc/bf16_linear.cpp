@@ -21,7 +21,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include "bf16_round.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>

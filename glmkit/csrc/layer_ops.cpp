@@ -13,7 +13,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include "bf16_round.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -23,14 +23,8 @@
 
 namespace {
 
+using glmkit_csrc::load16;
 using glmkit_csrc::mask16;
-
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-
-inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 

@@ -30,7 +30,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include "bf16_round.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -45,14 +45,8 @@ constexpr int64_t ROWS4 = 64;  // output rows per int4 block (layout.BLOCK_N)
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+using glmkit_csrc::load16;
 using glmkit_csrc::mask16;
-
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-
-inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = uint32_t(v) << 16;

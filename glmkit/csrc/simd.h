@@ -1,4 +1,5 @@
-// What the kernels of this folder share: masks for a row's tail, and float32 results written as bfloat16.
+// What the kernels of this folder share: masks for a row's tail, 16 float32 or bfloat16 values read as
+// float32, and float32 results written as bfloat16.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -10,6 +11,13 @@ namespace glmkit_csrc {
 
 inline __mmask16 mask16(int64_t n) {
   return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // n float32 values to bfloat16, rounded to nearest even (as torch rounds), NaN kept NaN.
