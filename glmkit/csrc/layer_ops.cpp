@@ -1,9 +1,10 @@
 // The small operations of a transformer layer around its linears, for inference on AVX-512 CPUs: RMSNorm and
-// the attention of one new token per sequence (decoding). torch runs each as several kernels (RMSNorm) or
-// through a flash-attention kernel made for long queries; at decode size that costs 18 us and 120-1300 us
-// per call, where these take a few microseconds (ChatGLM3-6B shapes, 2 threads). Both compute in float32 and
-// round once, as the model's torch code does, and neither mixes rows: a row's result does not depend on the
-// batch, its padding, or where in the cache its keys lie.
+// the attention of one new token per sequence (decoding). torch runs RMSNorm as several kernels and decode
+// attention through a flash-attention kernel made for long queries. Measured with 2 threads at ChatGLM3-6B
+// shapes: RMSNorm over 4096 values 18 -> 6 us per call; attention of 32 heads in 2 groups over 300 keys
+// 100-137 -> 40-74 us (it is compute: 4 x keys x heads x head dims FLOPs). Both compute in float32 and round
+// once, as the model's torch code does, and neither mixes rows: a row's result does not depend on the batch,
+// its padding, or where in the cache its keys lie.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
