@@ -23,6 +23,7 @@ from pathlib import Path
 from glmkit.agent.interpreter import SandboxLimits
 from glmkit.agent.loop import DEFAULT_MAX_ROUNDS
 from glmkit.agent.tools import DEFAULT_TIMEOUT
+from glmkit.openmp_threads import release_openmp_threads
 from glmkit.server.server_tools import DEFAULT_MAX_SESSIONS, ServerTools
 
 from . import CommandError, add_model_args, load_chat_model
@@ -95,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
         backend = make_backend(args.backend, chat_model.model, chat_model.tokenizer, args.max_num_seqs)
     except ModuleNotFoundError as e:
         raise CommandError(f"--backend {args.backend} needs {e.name}, which this installation lacks") from None
+    release_openmp_threads()  # the backend's thread computes from here on (see glmkit.openmp_threads)
     app = create_app(chat_model, api_keys=keys, model_name=name, backend=backend, max_pending=args.max_pending,
                      max_body_bytes=args.max_body_bytes, server_tools=server_tools)
     shown = f"[{args.host}]" if ":" in args.host else args.host

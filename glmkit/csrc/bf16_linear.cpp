@@ -11,8 +11,11 @@
 //
 // A block of 64 outputs is computed for up to ROWS inputs at once (4 x ROWS float32 accumulators and the
 // block's 8 float32 weight vectors fill the 32 registers); more inputs take more passes over the same block,
-// which by then is in L2. Each output is a float32 sum over p in order, so a row's result does not depend
-// on the other rows of the call. Threads split the blocks.
+// which by then is in L2. With several passes, each pass also asks for its share of the next block's weight
+// (every passes-th pair, into L2), so that reading the next block from memory overlaps this block's
+// multiply-adds instead of following them: at 16 rows, with the weights coming from memory as in a decode
+// step, 11-20% faster at the serving benchmark's shapes. Each output is a float32 sum over p in order, so a
+// row's result does not depend on the other rows of the call. Threads share the blocks (parallel.h).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,6 +24,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "parallel.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -33,15 +37,19 @@ constexpr int ROWS = 6;          // inputs per pass over a block
 // How far ahead the weight is asked for: the first pass over a block reads it from memory in one stream.
 constexpr int64_t PREFETCH_BYTES = 4096;
 
-// out (MR, 64) = x rows (MR, K) float32 times one block (K/2, 64) of int32 bfloat16 pairs.
+// out (MR, 64) = x rows (MR, K) float32 times one block (K/2, 64) of int32 bfloat16 pairs; with `next`, pass
+// `pass` of `passes` also asks for the next block's pairs p = pass (mod passes).
 template <int MR>
-void block_product(const int32_t* block, int64_t pairs, const float* x, int64_t K, float* out) {
+void block_product(const int32_t* block, int64_t pairs, const float* x, int64_t K, float* out, const int32_t* next,
+                   int pass, int passes) {
   __m512 acc[MR][4];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
   const __m512i high = _mm512_set1_epi32(int32_t(0xFFFF0000u));
   for (int64_t p = 0; p < pairs; ++p) {
     const int32_t* w = block + p * BLOCK_N;
+    if (next != nullptr && p % passes == pass)
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + p * BLOCK_N + 16 * j), _MM_HINT_T1);
     __m512 even[4], odd[4];
     for (int j = 0; j < 4; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(w + 16 * j) + PREFETCH_BYTES, _MM_HINT_T0);
@@ -58,14 +66,15 @@ void block_product(const int32_t* block, int64_t pairs, const float* x, int64_t 
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + m * BLOCK_N + 16 * j, acc[m][j]);
 }
 
-void block_rows(int mr, const int32_t* block, int64_t pairs, const float* x, int64_t K, float* out) {
+void block_rows(int mr, const int32_t* block, int64_t pairs, const float* x, int64_t K, float* out,
+                const int32_t* next, int pass, int passes) {
   switch (mr) {
-    case 6: block_product<6>(block, pairs, x, K, out); break;
-    case 5: block_product<5>(block, pairs, x, K, out); break;
-    case 4: block_product<4>(block, pairs, x, K, out); break;
-    case 3: block_product<3>(block, pairs, x, K, out); break;
-    case 2: block_product<2>(block, pairs, x, K, out); break;
-    default: block_product<1>(block, pairs, x, K, out);
+    case 6: block_product<6>(block, pairs, x, K, out, next, pass, passes); break;
+    case 5: block_product<5>(block, pairs, x, K, out, next, pass, passes); break;
+    case 4: block_product<4>(block, pairs, x, K, out, next, pass, passes); break;
+    case 3: block_product<3>(block, pairs, x, K, out, next, pass, passes); break;
+    case 2: block_product<2>(block, pairs, x, K, out, next, pass, passes); break;
+    default: block_product<1>(block, pairs, x, K, out, next, pass, passes);
   }
 }
 
@@ -84,12 +93,15 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& pairs) {
   const float* xp = xf.data_ptr<float>();
   const int32_t* wp = w.data_ptr<int32_t>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  glmkit_csrc::parallel_chunks(blocks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float out[ROWS * BLOCK_N];
+    const int passes = int((M + ROWS - 1) / ROWS);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
         const int mr = int(std::min<int64_t>(ROWS, M - m0));
-        block_rows(mr, wp + b * P * BLOCK_N, P, xp + m0 * K, K, out);
+        const bool ahead = passes > 1 && b + 1 < blocks;
+        block_rows(mr, wp + b * P * BLOCK_N, P, xp + m0 * K, K, out, ahead ? wp + (b + 1) * P * BLOCK_N : nullptr,
+                   int(m0 / ROWS), passes);
         for (int m = 0; m < mr; ++m) glmkit_csrc::store_bf16(out + m * BLOCK_N, yp + (m0 + m) * N + b * BLOCK_N, BLOCK_N);
       }
     }

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "parallel.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -237,7 +238,7 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor out = at::empty({B, 1, H * D}, q.options());
   const float scale = 1.0f / std::sqrt(float(D));
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
-    at::parallel_for(0, B * G * chunks, 1, [&](int64_t begin, int64_t end) {
+    glmkit_csrc::parallel_chunks(B * G * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / (G * chunks), g = task / chunks % G, c = task % chunks;
         const int64_t h0 = g * per_group + c * LANES;

@@ -20,7 +20,8 @@
 // 8-15 of a multiplier vector); for many rows, tiles of 16 weight rows are unpacked once into the int4 lane
 // layout and shared by all inputs (see "many input rows" below).
 //
-// Threads split the output rows (at::parallel_for): each streams its own contiguous part of the weight.
+// Threads share the output rows (parallel.h): each streams its own contiguous part of the weight, then helps
+// with the others'.
 // Compiled with -mavx512f/bw/vl/vnni/vbmi; the Python side checks the CPU before loading this library.
 
 #include <ATen/Parallel.h>
@@ -30,6 +31,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "parallel.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -141,6 +143,7 @@ inline void store(float v, c10::BFloat16* dst) { *dst = c10::BFloat16(v); }
 
 constexpr int64_t TILE_M = 8;  // input rows per pass (registers: 3 x 8 accumulators)
 constexpr int64_t TILED_MIN_ROWS = 8;  // fewer rows stream the weight (int4_block, int8_rows); measured: even at 8
+constexpr int64_t TILED_CHUNK = 4;  // blocks (int4) or tiles (int8) a thread takes at once: one set of tiles each
 
 struct Tile {
   std::vector<__m512i> w;  // (Kp / 4): 16 rows x 4 inputs each
@@ -330,7 +333,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t M = a.M, per_group = group_size / BLOCK;
   auto run = [&](auto* yp) {
     if (tiled) {
-      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      glmkit_csrc::parallel_chunks(blocks, TILED_CHUNK, [&](int64_t begin, int64_t end) {
         std::vector<Tile> tiles(4, Tile(a.Kp, groups));
         for (int64_t b = begin; b < end; ++b) {
           int4_tiles(wp + b * K * 32, szp, n_pad, b, K, groups, tiles);
@@ -342,7 +345,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
       });
       return;
     }
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    glmkit_csrc::parallel_chunks(blocks, 1, [&](int64_t begin, int64_t end) {
       alignas(64) float out[2 * 64];
       for (int64_t b = begin; b < end; ++b) {
         const uint8_t* wb = wp + b * K * 32;
@@ -515,7 +518,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   auto run = [&](auto* yp) {
     if (tiled) {
       const int64_t per_group = group_size == 0 ? a.blocks : group_size / BLOCK;
-      at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+      glmkit_csrc::parallel_chunks((N + 15) / 16, TILED_CHUNK, [&](int64_t begin, int64_t end) {
         Tile t(a.Kp, groups);
         for (int64_t i = begin; i < end; ++i) {
           const int64_t n0 = 16 * i, rows = std::min<int64_t>(16, N - n0);
@@ -526,7 +529,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
       return;
     }
     // Chunks of 16 rows: whole 4-row steps for every thread but the last.
-    at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+    glmkit_csrc::parallel_chunks((N + 15) / 16, 4, [&](int64_t begin, int64_t end) {
       const int64_t lo = begin * 16, hi = std::min(N, end * 16);
       if (mode == 0)
         int8_all_rows<0>(wp, K, sp, zp, groups, group_size, lo, hi, a, gsum.data(), yp, N);

@@ -23,6 +23,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from glmkit.generate import Delta
+from glmkit.openmp_threads import release_openmp_threads
 from glmkit.sampling import SamplingParams
 
 from .engine import LLMEngine
@@ -130,6 +131,8 @@ class AsyncEngine:
     def _work(self) -> None:
         engine = self.engine
         while True:
+            if not (self._commands or self._stopping or engine.has_unfinished()):
+                release_openmp_threads()  # idle: no team of ours to slow another thread's parallel ops
             with self._cond:
                 while not (self._commands or self._stopping or engine.has_unfinished()):
                     self._cond.wait()

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from glmkit.generate import Delta, generate_stream
+from glmkit.openmp_threads import release_openmp_threads
 from glmkit.sampling import SamplingParams
 
 from .params import FEATURES, RequestParams
@@ -114,7 +115,7 @@ class SequentialBackend:
     # -- the worker thread ---------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (job := self._next_job()) is not None:
             if job.cancelled.is_set():
                 continue
             self._running = job
@@ -124,6 +125,11 @@ class SequentialBackend:
                 self._post(job, e)
             finally:
                 self._running, self._kv_tokens = None, 0
+
+    def _next_job(self) -> _Job | None:
+        if self._jobs.empty():
+            release_openmp_threads()  # idle: no team of ours to slow another thread's parallel ops
+        return self._jobs.get()
 
     def _run(self, job: _Job) -> None:
         params = job.params
