@@ -528,7 +528,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
       });
       return;
     }
-    // Chunks of 16 rows: whole 4-row steps for every thread but the last.
+    // Chunks of 4 x 16 rows: whole 4-row steps in every chunk but the last.
     glmkit_csrc::parallel_chunks((N + 15) / 16, 4, [&](int64_t begin, int64_t end) {
       const int64_t lo = begin * 16, hi = std::min(N, end * 16);
       if (mode == 0)
