@@ -125,7 +125,7 @@ def _register_fakes() -> None:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(f"{NAME}::attention_decode")
-    def _attention(q, k, v, mask):
+    def _attention(q, k, v, mask, slots=None):
         return q.new_empty(q.shape[0], 1, q.shape[1] * q.shape[3])
 
 

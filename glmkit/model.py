@@ -88,6 +88,30 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def attend(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """Store the new keys/values, then the attention of q (B, H, T, D) over everything cached, (B, T, H * D).
+        A cache of another layout (the engine's paged pool) implements this method its own way."""
+        keys, values = self.write(layer, start, k, v)
+        return attention(q, keys, values, mask, is_causal)
+
+
+def decode_kernel_takes(q: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> bool:
+    """Whether glmkit's one-query attention kernel (`attention_decode`) computes this call."""
+    return (q.shape[2] == 1 and not is_causal and q.shape[3] <= 256 and (mask is None or mask.dtype == torch.bool)
+            and compiled_ops(q))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              is_causal: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v of q (B, H, T, D) over keys/values (B, G, S, D), each head over its group's,
+    with SDPA's `mask` (B, 1, T, S) / `is_causal`; returned as (B, T, H * D)."""
+    B, H, T, D = q.shape
+    if decode_kernel_takes(q, mask, is_causal):
+        return torch.ops.glmkit_cpu.attention_decode(q, k, v, mask)  # decoding: (B, 1, H * D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != H)
+    return out.transpose(1, 2).reshape(B, T, H * D)
+
 
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_number: int):
@@ -108,15 +132,12 @@ class SelfAttention(nn.Module):
         k = k.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
         v = v.view(B, T, G, D).transpose(1, 2)
         if kv_cache is not None:
-            k, v = kv_cache.write(self.layer_number, start, k, v)
-        elif prefix_kv is not None:
-            k = torch.cat((prefix_kv[0], k), dim=2)
-            v = torch.cat((prefix_kv[1], v), dim=2)
-        if T == 1 and not is_causal and D <= 256 and (mask is None or mask.dtype == torch.bool) and compiled_ops(q):
-            out = torch.ops.glmkit_cpu.attention_decode(q, k, v, mask)  # decoding: (B, 1, H * D)
+            out = kv_cache.attend(self.layer_number, start, q, k, v, mask, is_causal)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G != H)
-            out = out.transpose(1, 2).reshape(B, T, H * D)
+            if prefix_kv is not None:
+                k = torch.cat((prefix_kv[0], k), dim=2)
+                v = torch.cat((prefix_kv[1], v), dim=2)
+            out = attention(q, k, v, mask, is_causal)
         return self.dense(out)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny import real_tokenizer, tiny_model
 
+from glmkit import cpu_kernels
 from glmkit.engine import AsyncEngine, EngineStoppedError, LLMEngine
 from glmkit.engine import runner as runner_module
 from glmkit.generate import GREEDY, ContextLengthError, generate, generate_stream
@@ -185,6 +186,34 @@ def test_chunked_prompts_and_mixed_steps_equal_single_runs(model, tok, prompts, 
     assert all(len(call) == 1 or sum(call) <= call_tokens for call in prompt_calls)
     if call_tokens < budget:  # prompts of one step were split over several calls
         assert any(sum(max(call) > 1 for call in calls) > 1 for calls in steps)
+
+
+def test_prompts_attend_only_their_own_keys_and_decoding_reads_the_pool_in_place(model, tok, prompts, monkeypatch):
+    """A packed call's attention runs per sequence over that sequence's keys alone (a prompt after a cached
+    prefix included), not over every key of the call; decode steps read the paged pool through the slots
+    (the compiled kernel) instead of a gathered copy."""
+    gathered = []  # the (rows, keys) of every gather of keys from the pool
+    real_gather = runner_module._StepCache._gather
+    monkeypatch.setattr(runner_module._StepCache, "_gather", staticmethod(
+        lambda k, v, slots: gathered.append(tuple(slots.shape)) or real_gather(k, v, slots)))
+    system = prompt_ids(tok, "You are a helpful assistant. " * 3)
+    first = [system + tok.encode("Hi")]
+    later = [prompts[0], system + tok.encode("Name a fruit."), prompts[2], prompts[3]]
+    assert len({len(p) for p in later}) > 1  # lengths differ: one packed call
+    engine = LLMEngine(model, tok, block_size=4)
+    got = run_streams(engine, [(p, greedy(5)) for p in first])
+    gathered.clear()
+    got += run_streams(engine, [(p, greedy(5)) for p in later])
+    for p, deltas in zip(first + later, got):
+        assert deltas == list(generate_stream(model, tok, p, greedy(5)))
+    hit = len(system) // 4 * 4  # the second system prompt's cached blocks: its keys, not fed again
+    keys = sorted(len(p) for p in later)
+    prompt_gathers = sorted([(1, n) for n in keys] * model.config.num_layers)
+    if cpu_kernels.available():
+        assert sorted(gathered) == prompt_gathers
+        assert engine.block_manager.hit_tokens >= hit
+    else:  # torch's attention: decode steps gather their keys too
+        assert set(prompt_gathers) <= set(gathered)
 
 
 def test_a_step_where_one_of_equal_rows_ends_its_prompt_and_the_other_does_not(model, tok):

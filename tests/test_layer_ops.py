@@ -49,8 +49,9 @@ def reference_attention(q, k, v, mask):
     return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
 
 
+# Heads per group: 16 (the 6B model's), 4 (the serving benchmark's), 1, 3, 18 (16 + 2), 2, 1, 8
 @pytest.mark.parametrize("B,H,G,D,S", [(1, 32, 2, 128, 300), (4, 8, 2, 128, 77), (2, 4, 4, 16, 9), (3, 6, 2, 40, 33),
-                                       (2, 36, 2, 64, 20), (1, 2, 1, 256, 5), (2, 3, 3, 8, 1)])
+                                       (2, 36, 2, 64, 20), (1, 2, 1, 256, 5), (2, 3, 3, 8, 1), (2, 16, 2, 72, 23)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_decode_equals_softmax_attention(B, H, G, D, S, dtype):
     g = torch.Generator().manual_seed(B * 1000 + S)
@@ -65,15 +66,42 @@ def test_attention_decode_equals_softmax_attention(B, H, G, D, S, dtype):
         assert (got.double() - want).abs().max() < tol
 
 
-def test_attention_decode_ignores_padding_and_neighbours_bit_for_bit():
+@pytest.mark.parametrize("H", [32, 8, 4])  # 16, 4 and 2 heads per group: lanes as heads, or as (key, head) pairs
+def test_attention_decode_ignores_padding_and_neighbours_bit_for_bit(H):
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(3, 32, 1, 128, generator=g).bfloat16()
+    q = torch.randn(3, H, 1, 128, generator=g).bfloat16()
     k, v = (torch.randn(3, 2, 40, 128, generator=g).bfloat16() for _ in range(2))
     alone = ops.attention_decode(q[1:2], k[1:2, :, 10:], v[1:2, :, 10:], None)  # row 1's 30 keys, unpadded
     mask = torch.zeros(3, 1, 1, 40, dtype=torch.bool)
     mask[..., 10:] = True  # the same keys behind 10 padding columns, in a batch of 3
     batched = ops.attention_decode(q, k, v, mask)
     assert torch.equal(batched[1:2], alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_decode_reads_a_paged_pool_through_slots_as_the_gathered_keys(dtype):
+    """Pools (N, G, D) and each row's slots (B, S): the same bits as the keys and values gathered first."""
+    g = torch.Generator().manual_seed(7)
+    B, H, G, D, S, N = 3, 8, 2, 64, 21, 100
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    k_pool, v_pool = (torch.randn(N, G, D, generator=g).to(dtype) for _ in range(2))
+    slots = torch.stack([torch.randperm(N, generator=g)[:S] for _ in range(B)])  # scattered, in no order
+    slots[0, :5] = slots[1, :5]  # rows may share slots (a shared prompt prefix)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[..., -1] = True
+    gathered_k = k_pool[slots].permute(0, 2, 1, 3)  # (B, G, S, D)
+    gathered_v = v_pool[slots].permute(0, 2, 1, 3)
+    for m in (None, mask):
+        got = ops.attention_decode(q, k_pool, v_pool, m, slots)
+        assert torch.equal(got, ops.attention_decode(q, gathered_k, gathered_v, m))
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert (got.double() - reference_attention(q, gathered_k, gathered_v, m)).abs().max() < tol
+    with pytest.raises(RuntimeError, match="slot 100 is outside the pool of 100 slots"):
+        ops.attention_decode(q, k_pool, v_pool, None, slots.masked_fill(slots == slots[2, 3], N))
+    with pytest.raises(RuntimeError, match="slots must be int64"):
+        ops.attention_decode(q, k_pool, v_pool, None, slots.int())
+    with pytest.raises(RuntimeError, match="pools k, v"):
+        ops.attention_decode(q, gathered_k, gathered_v, None, slots)
 
 
 def test_attention_decode_reads_a_cache_slice_in_place():

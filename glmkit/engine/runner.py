@@ -16,17 +16,22 @@ arguments:
   of batched generation, positions following from the mask. Rows all of one length need no mask.
 - packed (prompts of several lengths): every new token in one row, with an explicit
   (1, 1, N, keys) mask in which each token sees only its own sequence's keys, explicit positions, and
-  logits at each sequence's last token. No padding, so the linears do only the real tokens' work;
-  attention, though, scores every token against every key of the call, which is why calls are capped.
-`_StepCache` is the cache object the model writes to and reads from: in each layer it scatters the
-new keys/values into their slots, then gathers the keys/values (new ones included) for attention.
-No model code knows the cache is paged.
+  logits at each sequence's last token. No padding, so the linears do only the real tokens' work; and
+  attention runs sequence by sequence (`_Segment`), each over its own keys, so it too does only the
+  work of one request alone, not of every token against every key of the call.
+`_StepCache` is the cache object the model hands its attention to: in each layer it scatters the new
+keys/values into their slots, then attends. Decode steps read the pool in place through each row's
+slots (the compiled `attention_decode`); other calls gather their keys/values first. No model code
+knows the cache is paged.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from glmkit.model import attention, decode_kernel_takes
 from glmkit.sampling import (
     apply_presence_frequency_penalty,
     make_generator,
@@ -38,36 +43,59 @@ from .sequence import Sequence
 
 Scores = tuple[float, list[tuple[int, float]]]  # the chosen token's logprob; (id, logprob) of the best ones
 
-# New tokens per packed call. The linears are about as fast per token at 512 rows as at thousands,
-# while the attention of a packed call grows with the square of its tokens (most of it masked out):
-# 16 prompts of ~64 tokens prefill 15-20% faster in calls of 512 tokens than in one call of 1024
-# (measured on the serving benchmark's model, 2 threads); 128-token calls are slower again.
+# New tokens per packed call: 16 prompts of ~64 tokens, on the serving benchmark's model with AMX and
+# 2 threads, prefill as fast in calls of 512 tokens as in one call of 2048, and slower in calls of 128
+# (the linears are less efficient on fewer rows). Calls this size bound a step's activations.
 PACKED_CALL_TOKENS = 512
 
 
 class _StepCache:
-    """One step's view of the pool, with the attributes and `write` that `model.forward` uses of a
+    """One step's view of the pool, with the attributes and `attend` that `model.forward` uses of a
     `glmkit.model.KVCache`: `past` cached columns before the T new ones, S = past + T in all."""
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, read_slots: torch.Tensor,
-                 write_slots: torch.Tensor, past: int, total: int, prefix_len: int):
+                 write_slots: torch.Tensor, past: int, total: int, prefix_len: int,
+                 segments: list[_Segment] | None = None):
         self.k_pool, self.v_pool = k_pool, v_pool
-        self.read_slots = read_slots  # (B * (prefix + S),) slots gathered for attention, row by row
+        self.read_slots = read_slots  # (B, prefix + S) the slots of each row's keys, in order
         self.write_slots = write_slots  # (B * T,) where each new token's keys/values go
+        self.segments = segments  # packed calls: each sequence's queries and keys
         self.prefix_len = prefix_len
         self.length = prefix_len + past
         self.num_tokens = past
         self.capacity = total  # S: the model checks that past + T fit
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new (B, G, T, D) keys/values; return every row's keys/values, (B, G, prefix + S, D)."""
+    def attend(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """Store the new (B, G, T, D) keys/values in their slots; return the attention of q (B, H, T, D) over
+        each row's keys (each sequence's, in a packed call), (B, T, H * D)."""
         B, G, T, D = k.shape
         k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]  # (slots, G, D)
         k_pool.index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(B * T, G, D))
         v_pool.index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(B * T, G, D))
-        keys = k_pool.index_select(0, self.read_slots).view(B, -1, G, D).transpose(1, 2)
-        values = v_pool.index_select(0, self.read_slots).view(B, -1, G, D).transpose(1, 2)
-        return keys, values
+        if self.segments is not None:
+            return torch.cat([attention(q[:, :, s.queries], *self._gather(k_pool, v_pool, s.slots[None]), s.mask,
+                                        s.mask is None) for s in self.segments], dim=1)
+        if decode_kernel_takes(q, mask, is_causal):  # reads the pool in place
+            return torch.ops.glmkit_cpu.attention_decode(q, k_pool, v_pool, mask, self.read_slots)
+        return attention(q, *self._gather(k_pool, v_pool, self.read_slots), mask, is_causal)
+
+    @staticmethod
+    def _gather(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of `slots` (B, S), as (B, G, S, D) each."""
+        B, G, D = slots.shape[0], k_pool.shape[1], k_pool.shape[2]
+        flat = slots.flatten()
+        return (k_pool.index_select(0, flat).view(B, -1, G, D).transpose(1, 2),
+                v_pool.index_select(0, flat).view(B, -1, G, D).transpose(1, 2))
+
+
+@dataclass
+class _Segment:
+    """One sequence of a packed call: its new tokens' columns, its keys' slots (prefix first), and which keys
+    each of its new tokens sees ((1, 1, T, keys) bool; None when causal from the first key)."""
+    queries: slice
+    slots: torch.Tensor
+    mask: torch.Tensor | None
 
 
 class ModelRunner:
@@ -145,8 +173,8 @@ class ModelRunner:
         token = torch.arange(S, device=device)[None, :] - (S - n)[:, None]  # (B, S)
         real = token >= 0
         slots = self._slots(self._tables(seqs), token.clamp(min=0)).masked_fill(~real, self.padding_slot)
-        cache = _StepCache(self.k_pool, self.v_pool, self._with_prefix(slots).flatten(),
-                           slots[:, S - T:].flatten(), S - T, S, self.prefix_len)
+        cache = _StepCache(self.k_pool, self.v_pool, self._with_prefix(slots), slots[:, S - T:].flatten(), S - T, S,
+                           self.prefix_len)
         # Rows all of one length need no mask: the model then uses the same kernels as one request.
         mask = None if min(lengths) == S else real
         sampled = [seq.feeds_last_token for seq in seqs]
@@ -176,12 +204,29 @@ class ModelRunner:
             visible = torch.cat((visible.new_ones(len(query_seq), self.prefix_len), visible), dim=1)
         key_slots = self._slots(tables[key_seq], key_token[:, None]).squeeze(1)
         write_slots = self._slots(tables[query_seq], query_token[:, None]).squeeze(1)
-        cache = _StepCache(self.k_pool, self.v_pool, self._with_prefix(key_slots[None])[0], write_slots,
-                           len(key_seq) - len(query_seq), len(key_seq), self.prefix_len)
+        cache = _StepCache(self.k_pool, self.v_pool, self._with_prefix(key_slots[None]), write_slots,
+                           len(key_seq) - len(query_seq), len(key_seq), self.prefix_len,
+                           self._segments(seqs, key_slots))
         input_ids = torch.tensor([[t for seq in seqs for t in seq.scheduled_ids]], device=device)
         sampled = torch.tensor([seq.feeds_last_token for seq in seqs], device=device)
         return self.model(input_ids, position_ids=query_token[None], attention_mask=visible[None, None],
                           kv_cache=cache, logits_at=(ends - 1)[sampled])[0]
+
+    def _segments(self, seqs: list[Sequence], key_slots: torch.Tensor) -> list[_Segment]:
+        """Each sequence of a packed call with its keys (`key_slots`: every sequence's, in order), so that its
+        attention reads only its own keys, as one request alone would."""
+        segments, query, key = [], 0, 0
+        P = self.prefix_len
+        for seq in seqs:
+            cached, new = seq.num_cached_tokens, seq.num_scheduled_tokens
+            slots = self._with_prefix(key_slots[None, key:key + cached + new])[0]
+            mask = None
+            if P or cached:  # the new tokens see the prefix, the cached tokens and the new ones up to themselves
+                seen = torch.arange(P + cached + new, device=self.device)[None, :]
+                mask = (seen <= torch.arange(P + cached, P + cached + new, device=self.device)[:, None])[None, None]
+            segments.append(_Segment(slice(query, query + new), slots, mask))
+            query, key = query + new, key + cached + new
+        return segments
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
         """The block tables, (B, most blocks), padded with block 0 (never read through)."""
