@@ -4,15 +4,19 @@ Why: on a CPU, decoding reads every weight once per token, so its speed is the m
 matrix-vector kernel reaches. torch's plain bf16 `F.linear` reaches about 60% of it; oneDNN with the
 weight reordered once into its blocked layout (what inductor's weight freezing does) about 80-90%.
 
-Several rows at once (prompts, batched decoding) are compute-bound, and there the same CPU multiplies
-float32 about 1.5x faster than oneDNN's bf16 kernel. So the packed weight is also read a second way: on
-CPUs with AVX512-BF16, oneDNN's layout is `AB16b64a2b` — blocks of 64 output features, each a (K/2, 64)
-table of pairs of bf16 inputs. Seen as int32, a pair becomes two float32 values by two bit operations.
-glmkit's compiled kernel (`glmkit.cpu_kernels`, csrc/bf16_linear.cpp) does exactly that in registers and
-multiplies in float32, at every row count: 1.2-1.3x oneDNN's speed at one row, 1.4-1.8x at 4-64 rows,
-1.15-1.5x MKL's float32 product at 128-256 rows. Without the compiled kernels, long inputs unpack a few
-blocks to float32 at a time for a batched float32 matmul, and short ones use oneDNN. The layout is checked
-when the weight is packed; where it differs (another CPU, odd shapes), every input uses oneDNN's kernel.
+Several rows at once (prompts, batched decoding) are compute-bound. On CPUs with AMX (bfloat16 tile
+units, e.g. Xeon 4th generation and later) oneDNN multiplies the packed weight on them: 2x glmkit's own
+kernel at 16 rows, 6x at 256 rows (2 threads, the serving benchmark's shapes), so there every call of two
+rows or more goes to oneDNN. Without AMX, the same CPUs multiply float32 about 1.5x faster than oneDNN's bf16
+kernel, so the packed weight is also read a second way: on CPUs with AVX512-BF16, oneDNN's layout is
+`AB16b64a2b` — blocks of 64 output features, each a (K/2, 64) table of pairs of bf16 inputs. Seen as int32,
+a pair becomes two float32 values by two bit operations. glmkit's compiled kernel (`glmkit.cpu_kernels`,
+csrc/bf16_linear.cpp) does exactly that in registers and multiplies in float32: 1.1-1.3x oneDNN's speed at
+one row (where it is used with or without AMX), and without AMX 1.4-1.8x at 4-64 rows and 1.15-1.5x MKL's
+float32 product at 128-256 rows. Without the compiled kernels, long inputs unpack a few blocks to float32
+at a time for a batched float32 matmul (unless AMX is there), and short ones use oneDNN. The layout is
+checked when the weight is packed; where it differs (another CPU, odd shapes), every input uses oneDNN's
+kernel.
 
 One copy of the weight exists: the packed one. This is a module swap (`pack_linears`), so the model
 file does not change; `PackedLinear.forward` matches `F.linear` to bf16 rounding.
@@ -21,6 +25,7 @@ file does not change; `PackedLinear.forward` matches `F.linear` to bf16 rounding
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 from torch import nn
@@ -39,6 +44,17 @@ _BLOCK_N, _BLOCK_K = 64, 32
 
 def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def onednn_has_amx() -> bool:
+    """Whether oneDNN multiplies bf16 on AMX tiles here: the CPU has them and the OS lets this process use
+    them (the permission request, as oneDNN's own, is what `_init_amx` makes)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.7
+    if capabilities is None or not capabilities().get("amx_bf16"):
+        return False
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)
+    return bool(init_amx()) if init_amx is not None else True
 
 
 def _blocked_pairs(packed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -94,6 +110,8 @@ class PackedLinear(nn.Module):
     def choose(self, rows: int) -> str:
         """The kernel for `rows` input rows: the layer's `kernel` if set (and possible here), else the fastest."""
         if self.kernel == "auto":
+            if rows > 1 and onednn_has_amx():
+                return "onednn"
             if self.pairs is not None and cpu_kernels.available():
                 return "compiled"
             return "onednn" if rows <= PACKED_MAX_ROWS or self.pairs is None else "float32"

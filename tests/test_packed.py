@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,7 +64,8 @@ def test_blocked_layout_is_recognised_or_refused_by_shape():
         assert torch.equal(layer.pairs, pairs)
 
 
-def test_every_kernel_agrees_and_auto_takes_the_fastest():
+@pytest.mark.parametrize("amx", [True, False])
+def test_every_kernel_agrees_and_auto_takes_the_fastest(amx, monkeypatch):
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 512).bfloat16()
     layer = PackedLinear(linear)
@@ -75,16 +79,34 @@ def test_every_kernel_agrees_and_auto_takes_the_fastest():
     for out in outputs.values():
         assert (out - outputs["onednn"]).abs().max() <= 1e-2 * outputs["onednn"].abs().max()
     layer.kernel = "auto"
-    want = ("compiled", "compiled") if cpu_kernels.available() else ("onednn", "float32")
-    assert (layer.choose(1), layer.choose(80)) == want
+    monkeypatch.setattr(packed, "onednn_has_amx", lambda: amx)  # as on a CPU with / without AMX tiles
+    one_row = "compiled" if cpu_kernels.available() else "onednn"
+    if amx:  # oneDNN's AMX kernel from two rows on
+        assert (layer.choose(1), layer.choose(2), layer.choose(80)) == (one_row, "onednn", "onednn")
+    else:
+        assert (layer.choose(1), layer.choose(80)) == (one_row, one_row if cpu_kernels.available() else "float32")
     layer.kernel = "mkl"
     with pytest.raises(ValueError, match="unknown kernel 'mkl'"):
         layer(x)
 
 
+def test_amx_is_reported_as_onednn_finds_it():
+    """`onednn_has_amx` agrees with the instruction set oneDNN itself reports (its verbose log, in a fresh
+    process since the log is set up once)."""
+    code = ("import torch; from glmkit import packed; "
+            "torch.nn.functional.linear(torch.ones(4, 64).bfloat16(), torch.ones(64, 64).bfloat16()); "
+            "print('AMX', packed.onednn_has_amx())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ONEDNN_VERBOSE": "1"})
+    assert run.returncode == 0, run.stderr
+    isa = next(line for line in run.stdout.splitlines() if ",isa:" in line)
+    assert run.stdout.strip().endswith(f"AMX {'Intel AMX with bfloat16' in isa}")
+
+
 def test_compiled_kernel_rows_do_not_depend_on_each_other():
     """Each output is a float32 sum in a fixed order: a row gives the same bits alone or in any batch, so
-    batched decoding reproduces one request's greedy tokens exactly."""
+    where this kernel takes every row count (CPUs without AMX), batched decoding reproduces one request's
+    greedy tokens exactly."""
     if not cpu_kernels.available():
         pytest.skip("glmkit's CPU kernels need AVX-512 and a compiler")
     torch.manual_seed(1)
