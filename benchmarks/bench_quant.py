@@ -161,8 +161,10 @@ def cmd_rows(args) -> None:
     columns = [("bf16", "auto"), ("int8", "vnni"), ("int8", "cpu"), ("int8", "float32"), ("int4-g128", "vnni"),
                ("int4-g128", "cpu"), ("int4-g128", "float32")]
     columns = [c for c in columns if c[1] != "vnni" or kernels.cpu_kernels.available()]
+    if kernels.cpu_kernels.available() and torch.ops.glmkit_cpu.amx_int8_usable():  # the tiles' gain, same bits
+        columns += [("int8", "vnni no AMX"), ("int4-g128", "vnni no AMX")]
     print(f"x (rows, {k}) @ ({n}, {k}).T, ms per call, {args.threads[0]} thread(s); bf16 is glmkit.packed")
-    print(f"{'rows':>6}" + "".join(f"{kind + ' ' + kernel:>18}" for kind, kernel in columns))
+    print(f"{'rows':>6}" + "".join(f"{kind + ' ' + kernel:>22}" for kind, kernel in columns))
     with torch.inference_mode():
         for rows in args.rows:
             x = torch.randn(rows, k).bfloat16()
@@ -170,10 +172,14 @@ def cmd_rows(args) -> None:
             for _ in range(3):
                 for kind, kernel in columns:
                     layer = layers[kind]
-                    if kind != "bf16":
+                    call = lambda layer=layer, x=x: layer(x)  # noqa: E731
+                    if kernel == "vnni no AMX":
+                        vnni = kernels.vnni_int8 if kind == "int8" else kernels.vnni_int4
+                        call = lambda layer=layer, x=x, vnni=vnni: vnni(layer, x, amx=False)  # noqa: E731
+                    elif kind != "bf16":
                         layer.kernel = kernel
-                    best[kind, kernel] = min(best[kind, kernel], best_ms(lambda layer=layer, x=x: layer(x), repeats=3))
-            print(f"{rows:>6}" + "".join(f"{best[c]:>18.2f}" for c in columns), flush=True)
+                    best[kind, kernel] = min(best[kind, kernel], best_ms(call, repeats=3))
+            print(f"{rows:>6}" + "".join(f"{best[c]:>22.2f}" for c in columns), flush=True)
 
 
 class _NoMatmul(torch.nn.Module):

@@ -109,11 +109,11 @@ def _register_fakes() -> None:
     """Output shapes of the ops without running them, so that torch.compile can trace a model that calls them."""
 
     @torch.library.register_fake(f"{NAME}::int4_linear")
-    def _int4(x, weight, scales_and_zeros, group_size, out_features):
+    def _int4(x, weight, scales_and_zeros, group_size, out_features, amx=True):
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake(f"{NAME}::int8_linear")
-    def _int8(x, weight, scales, zeros, group_size):
+    def _int8(x, weight, scales, zeros, group_size, amx=True):
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake(f"{NAME}::bf16_linear")
