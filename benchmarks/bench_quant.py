@@ -161,7 +161,7 @@ def cmd_rows(args) -> None:
     columns = [("bf16", "auto"), ("int8", "vnni"), ("int8", "cpu"), ("int8", "float32"), ("int4-g128", "vnni"),
                ("int4-g128", "cpu"), ("int4-g128", "float32")]
     columns = [c for c in columns if c[1] != "vnni" or kernels.cpu_kernels.available()]
-    if kernels.cpu_kernels.available() and torch.ops.glmkit_cpu.amx_int8_usable():  # the tiles' gain, same bits
+    if kernels.cpu_kernels.available() and torch.ops.glmkit_cpu.amx_usable():  # the AVX-512 paths, for comparison
         columns += [("int8", "vnni no AMX"), ("int4-g128", "vnni no AMX")]
     print(f"x (rows, {k}) @ ({n}, {k}).T, ms per call, {args.threads[0]} thread(s); bf16 is glmkit.packed")
     print(f"{'rows':>6}" + "".join(f"{kind + ' ' + kernel:>22}" for kind, kernel in columns))

@@ -121,35 +121,47 @@ def test_kernels_compute_the_product_with_the_quantized_activations(scheme, n, k
 
 
 def amx_tiles_or_skip() -> None:
-    if not torch.ops.glmkit_cpu.amx_int8_usable():
-        pytest.skip("this CPU (or the OS) gives no AMX tiles: the AVX-512 tiles are the only ones here")
+    if not torch.ops.glmkit_cpu.amx_usable():
+        pytest.skip("this CPU (or the OS) gives no AMX tiles: prompts use the AVX-512 paths here")
 
 
 @needs_vnni
 def test_amx_is_reported_as_the_cpu_has_it():
     with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
         flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    if not {"amx_tile", "amx_int8"} <= set(flags):
-        assert not torch.ops.glmkit_cpu.amx_int8_usable()
+    if not {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags):
+        assert not torch.ops.glmkit_cpu.amx_usable()
     else:  # the CPU has them: usable when Linux hands out their state (arch_prctl ARCH_REQ_XCOMP_PERM, 5.16+)
         libc = ctypes.CDLL(None, use_errno=True)
         granted = libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl on x86-64, XFEATURE_XTILEDATA
-        assert torch.ops.glmkit_cpu.amx_int8_usable() == granted
+        assert torch.ops.glmkit_cpu.amx_usable() == granted
 
 
 @needs_vnni
 @pytest.mark.parametrize("scheme, n, k", [(scheme, n, k) for scheme in SCHEMES for n, k in SHAPES
-                                          if k % max(scheme.group_size, 1) == 0], ids=str)
-def test_amx_tiles_give_the_same_bits_as_the_avx512_tiles(scheme, n, k):
-    """Prompts (16 rows or more) on AMX tiles: the same integer sums, scaled in the same order, so the same
-    bits, for every layout, odd row counts (partial tiles of 16) and both dtypes."""
+                                          if k % max(scheme.group_size, 1) == 0 and k % 4 == 0], ids=str)
+def test_amx_tiles_compute_the_bfloat16_product(scheme, n, k):
+    """Prompts of 64 rows or more on AMX tiles: x rounded to bfloat16 times the weight dequantized to bfloat16,
+    summed in float32 (bounded here by 2^-12 of |x| @ |W|, as the weight's rounding may fall on either side of
+    a tie), for every layout, partial tiles (97 rows) and both dtypes; a row's result is its own, whatever
+    rows share its tiles."""
     amx_tiles_or_skip()
     layer = layer_for(scheme, n, k, torch.float32, seed=n + k)
     vnni = kernels.vnni_int8 if scheme.bits == 8 else kernels.vnni_int4
-    for rows in (16, 37, 64):
+    w = layer.dequantize().bfloat16().double()
+    for rows in (64, 97):
         for dtype in (torch.float32, torch.bfloat16):
             x = (torch.randn(rows, k) * torch.rand(rows, k) * 3).to(dtype)
-            assert torch.equal(vnni(layer, x, amx=True), vnni(layer, x, amx=False))
+            got = vnni(layer, x)
+            assert got.dtype == dtype and got.shape == (rows, n)
+            xb = x.bfloat16().double()
+            want = xb @ w.t()
+            tolerance = 2**-12 * (xb.abs() @ w.abs().t())
+            if dtype == torch.bfloat16:
+                tolerance += 2**-8 * want.abs()
+            assert ((got.double() - want).abs() <= tolerance + 1e-12).all()
+            assert not torch.equal(got, vnni(layer, x, amx=False))  # the int8-rounded inputs' path differs
+        assert torch.equal(got[rows - 64:], vnni(layer, x[rows - 64:]))
 
 
 @needs_vnni

@@ -18,7 +18,9 @@
 //     W . x = sum_groups  s * (sum((q + 128) * x) - 128 sum(x)) + z * sum(x).
 // For few rows, a zmm holds 64 inputs of one weight row (two activation blocks: their dx fill lanes 0-7 and
 // 8-15 of a multiplier vector); for many rows, tiles of 16 weight rows are unpacked once into the int4 lane
-// layout and shared by all inputs (see "many input rows" below), multiplied on AMX tiles where the CPU has them.
+// layout and shared by all inputs (see "many input rows" below). On CPUs with AMX, prompts of 64 rows or more
+// skip the int8 rounding of the inputs and multiply bfloat16 inputs by the weight dequantized to bfloat16 on
+// the tiles instead (see "AMX" below).
 //
 // Threads share the output rows (parallel.h): each streams its own contiguous part of the weight, then helps
 // with the others'.
@@ -58,8 +60,7 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-// The input rows, quantized: q (M, Kp) int8 with Kp = K rounded up to 64 (zeros past K; 128 for the AMX tiles,
-// which read 4 blocks at a time), and per block of 32
+// The input rows, quantized: q (M, Kp) int8 with Kp = K rounded up to 64 (zeros past K), and per block of 32
 // the scale dx and dx * sum(q) (the block's sum of x, as the kernels see x).
 struct Activations {
   int64_t M, K, Kp, blocks;
@@ -87,13 +88,13 @@ void quantize_row(const T* x, int64_t K, int64_t Kp, int8_t* q, float* dx, float
   }
 }
 
-Activations quantize_activations(const at::Tensor& x, bool lanes, int64_t row_multiple = 1, int64_t k_multiple = 64) {
+Activations quantize_activations(const at::Tensor& x, bool lanes, int64_t row_multiple = 1) {
   TORCH_CHECK(x.dim() == 2, "expected input rows (M, K), got ", x.dim(), " dimensions");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "inputs must be float32 or bfloat16, got ", x.scalar_type());
   at::Tensor xc = x.contiguous();
   Activations a;
-  a.M = x.size(0), a.K = x.size(1), a.Kp = round_up(a.K, k_multiple), a.blocks = a.Kp / BLOCK;
+  a.M = x.size(0), a.K = x.size(1), a.Kp = round_up(a.K, 64), a.blocks = a.Kp / BLOCK;
   a.Mp = round_up(a.M, row_multiple);
   a.q.resize(a.Mp * a.Kp);
   a.dx.resize(a.Mp * a.blocks);
@@ -149,8 +150,8 @@ constexpr int64_t TILED_CHUNK = 4;  // blocks (int4) or tiles (int8) a thread ta
 
 struct Tile {
   std::vector<__m512i> w;  // (Kp / 4): 16 rows x 4 inputs each
-  std::vector<float> s, c;  // (groups, 16)
-  explicit Tile(int64_t Kp, int64_t groups) : w(Kp / 4), s(groups * 16), c(groups * 16) {}
+  std::vector<float> s, c, z;  // (groups, 16): scales, offset terms, zero points
+  explicit Tile(int64_t Kp, int64_t groups) : w(Kp / 4), s(groups * 16), c(groups * 16), z(groups * 16) {}
 };
 
 // out (TILE_M, 16) float32: the tile's 16 outputs for input rows m0 .. m0 + TILE_M.
@@ -194,111 +195,6 @@ void tile_all_inputs(const Tile& t, int64_t groups, int64_t blocks_per_group, co
   }
 }
 
-// ---- many input rows on AMX tiles ----------------------------------------------------------------------------
-//
-// Where the CPU has AMX (amx.h), a tile's products run on tile registers instead: `tdpbsud` multiplies 16
-// input rows x 32 inputs (the quantized activations, int8, read in place) by the tile's 32 inputs x 16 weight
-// rows (its 8 vectors of 16 dwords are exactly the B operand's layout) into 16 x 16 int32 sums. These are the
-// integer sums `vpdpbusd` makes, scaled by dx, s and C in the same order as `tile_product`, so the results are
-// the same bits. One `tdpbsud` does the work of 128 `vpdpbusd`, but every block's sums must leave the tile to
-// be scaled by its dx, and those stores and conversions bound the gain: 1.1-1.35x at 16-256 rows (4608 x 4096,
-// 2 threads; below 16 rows a tile's rows idle and the AVX-512 tiles stay faster).
-
-constexpr int64_t AMX_M = 16;  // input rows per pass: a tile's rows
-constexpr int64_t AMX_MIN_ROWS = 16;
-constexpr int64_t AMX_BLOCKS = 4;  // blocks of 32 inputs in flight (the tile numbers are literals in the code)
-
-#if GLMKIT_AMX
-// The tile shapes of `amx_tile_all_inputs`; loaded by each thread before its first tile product.
-GLMKIT_AMX_TARGET void amx_configure() {
-  glmkit_csrc::TileConfig config;
-  for (int c = 0; c < AMX_BLOCKS; ++c) config.tile(c, AMX_M, 64);  // 0-3: sums, 16 x 16 int32
-  config.tile(4, AMX_M, BLOCK).tile(5, AMX_M, BLOCK);                // 4-5: inputs, 16 x 32 int8
-  config.tile(6, BLOCK / 4, 64).tile(7, BLOCK / 4, 64);              // 6-7: weights, 8 x 16 dwords
-  asm volatile("" : : "r"(&config) : "memory");  // GCC's intrinsic declares it reads 8 bytes: keep every store
-  _tile_loadconfig(&config);
-}
-
-GLMKIT_AMX_TARGET void amx_release() { _tile_release(); }
-
-// The int32 sums of AMX_BLOCKS consecutive blocks of 32 inputs, 16 input rows (x, rows `stride` apart) by 16
-// weight rows (w, 8 vectors a block), into sums (AMX_BLOCKS, 16, 16). The blocks use tiles of their own, so
-// their products overlap instead of waiting on one another.
-GLMKIT_AMX_TARGET void amx_block_sums(const int8_t* x, int64_t stride, const __m512i* w, int32_t* sums) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  _tile_loadd(4, x, stride);
-  _tile_loadd(6, w, 64);
-  _tile_dpbsud(0, 4, 6);
-  _tile_loadd(5, x + BLOCK, stride);
-  _tile_loadd(7, w + 8, 64);
-  _tile_dpbsud(1, 5, 7);
-  _tile_loadd(4, x + 2 * BLOCK, stride);
-  _tile_loadd(6, w + 16, 64);
-  _tile_dpbsud(2, 4, 6);
-  _tile_loadd(5, x + 3 * BLOCK, stride);
-  _tile_loadd(7, w + 24, 64);
-  _tile_dpbsud(3, 5, 7);
-  _tile_stored(0, sums, 64);
-  _tile_stored(1, sums + 256, 64);
-  _tile_stored(2, sums + 512, 64);
-  _tile_stored(3, sums + 768, 64);
-}
-
-// As `tile_all_inputs`, on tiles; a.Mp must be a multiple of AMX_M, a.Kp of AMX_BLOCKS * BLOCK.
-template <typename Out>
-GLMKIT_AMX_TARGET void amx_tile_all_inputs(const Tile& t, int64_t groups, int64_t blocks_per_group,
-                                           const Activations& a, const float* gsum, Out* y, int64_t N, int64_t n0,
-                                           int64_t rows) {
-  alignas(64) int32_t sums[AMX_BLOCKS * AMX_M * 16];
-  alignas(64) float out[AMX_M * 16];
-  const int64_t blocks = groups * blocks_per_group;  // a.blocks, or fewer (int4: K = groups * size < Kp)
-  for (int64_t m0 = 0; m0 < a.M; m0 += AMX_M) {
-    for (int i = 0; i < AMX_M * 16; ++i) out[i] = 0.0f;
-    __m512 acc_f[AMX_M];
-    for (int m = 0; m < AMX_M; ++m) acc_f[m] = _mm512_setzero_ps();
-    for (int64_t b0 = 0; b0 < blocks; b0 += AMX_BLOCKS) {
-      amx_block_sums(a.row(m0) + b0 * BLOCK, a.Kp, &t.w[b0 * 8], sums);
-      for (int64_t b = b0; b < std::min(blocks, b0 + AMX_BLOCKS); ++b) {
-        const int32_t* s = sums + (b - b0) * AMX_M * 16;
-        for (int m = 0; m < AMX_M; ++m)
-          acc_f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(s + m * 16)),
-                                     _mm512_set1_ps(a.dx[(m0 + m) * a.blocks + b]), acc_f[m]);
-        if ((b + 1) % blocks_per_group == 0) {  // the group's last block
-          const int64_t g = b / blocks_per_group;
-          const __m512 sv = _mm512_loadu_ps(&t.s[g * 16]), cv = _mm512_loadu_ps(&t.c[g * 16]);
-          for (int m = 0; m < AMX_M; ++m) {
-            const __m512 offset = _mm512_fmadd_ps(cv, _mm512_set1_ps(gsum[(m0 + m) * groups + g]), _mm512_load_ps(out + m * 16));
-            _mm512_store_ps(out + m * 16, _mm512_fmadd_ps(acc_f[m], sv, offset));
-            acc_f[m] = _mm512_setzero_ps();
-          }
-        }
-      }
-    }
-    for (int64_t m = 0; m < std::min(AMX_M, a.M - m0); ++m) store(out + m * 16, y + (m0 + m) * N + n0, rows);
-  }
-}
-#endif
-
-// The tiled products of a call: on AMX tiles where `amx` (the caller's choice, and this process may use them),
-// else with `tile_product`. `run(product)` calls product(tile, y, N, n0, rows) for each of its tiles.
-template <typename Run>
-void with_tile_product(bool amx, const Run& run) {
-#if GLMKIT_AMX
-  if (amx) {
-    amx_configure();
-    run([](const Tile& t, int64_t groups, int64_t per_group, const Activations& a, const float* gsum, auto* y,
-           int64_t N, int64_t n0, int64_t rows) { amx_tile_all_inputs(t, groups, per_group, a, gsum, y, N, n0, rows); });
-    amx_release();
-    return;
-  }
-#endif
-  run([](const Tile& t, int64_t groups, int64_t per_group, const Activations& a, const float* gsum, auto* y,
-         int64_t N, int64_t n0, int64_t rows) { tile_all_inputs(t, groups, per_group, a, gsum, y, N, n0, rows); });
-}
-
 // How far ahead the decode kernels ask for their weight bytes. A thread reads one sequential stream (int8:
 // four rows side by side), which the hardware prefetcher alone keeps too few lines ahead of. So each load is
 // preceded by two requests: a few KB ahead into L1 (the next loads) and tens of KB ahead into L2 (enough
@@ -327,7 +223,7 @@ inline void int4_gather_indices(__m512i& idx1, __m512i& idx2) {
 
 // A block of 64 rows as four tiles (rows 0-15, 16-31, 32-47, 48-63), with their scales and offset terms.
 void int4_tiles(const uint8_t* wb, const uint32_t* sz, int64_t n_pad, int64_t block, int64_t K, int64_t groups,
-                std::vector<Tile>& tiles) {
+                Tile* tiles) {
   __m512i idx1, idx2;
   int4_gather_indices(idx1, idx2);
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -347,6 +243,7 @@ void int4_tiles(const uint8_t* wb, const uint32_t* sz, int64_t n_pad, int64_t bl
       const __m512 zv = _mm512_castsi512_ps(_mm512_and_si512(v, high_half));
       _mm512_storeu_ps(&tiles[r].s[g * 16], sv);
       _mm512_storeu_ps(&tiles[r].c[g * 16], _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv));
+      _mm512_storeu_ps(&tiles[r].z[g * 16], zv);
     }
 }
 
@@ -414,6 +311,195 @@ void int4_block(const uint8_t* wb, const uint32_t* sz, int64_t n_pad, int64_t bl
   }
 }
 
+// ---- AMX: prompts on tile registers ---------------------------------------------------------------------------
+//
+// On CPUs with AMX (amx.h), prompts multiply on tiles: `tdpbf16ps` adds the products of 16 input rows x 32
+// inputs by 32 inputs x 16 outputs, all bfloat16, into 16 x 16 float32 sums that stay in the tile along the
+// row. So a tile of 16 weight rows is dequantized into bfloat16 (W = w s + z per group, rounded once, as a
+// bfloat16 model holds its weights), and the inputs are x rounded to bfloat16 (as a bfloat16 model's activations
+// are): a bfloat16 product with float32 sums, instead of the int8 rounding of the inputs of the paths above.
+// (Int8 tiles that keep that rounding gain only 1.1-1.35x: each block of 32 inputs has its own scale, so every
+// block's sums must leave the tile to be scaled.) Each tile pass takes two weight tiles (32 outputs) and two
+// input tiles (32 rows), each operand load serving two products. A row's results depend on that row alone.
+// Measured in benchmarks/RESULTS.md.
+
+constexpr int64_t AMX_MIN_ROWS = 64;  // fewer rows: dequantizing the weight costs about what the tiles gain
+constexpr int64_t AMX_M = 16;         // input rows per tile
+constexpr int64_t AMX_K = 32;         // inputs per tile product
+
+bool takes_amx(const at::Tensor& x, bool amx) {
+  return amx && x.size(0) >= AMX_MIN_ROWS && glmkit_csrc::amx_bf16_usable();
+}
+
+// The inputs as the tiles read them: (Mp, Kp) bfloat16, zero past M rows and K inputs, rows `ld` apart: 64
+// bytes more than Kp, so that a tile's 16 rows do not all fall in the same cache sets (Kp is often a power of 2).
+struct AmxInputs {
+  int64_t M, Mp, Kp, ld;
+  std::vector<c10::BFloat16> x;
+};
+
+AmxInputs amx_inputs(const at::Tensor& x) {
+  AmxInputs in;
+  const int64_t K = x.size(1);
+  in.M = x.size(0), in.Mp = round_up(in.M, AMX_M), in.Kp = round_up(K, AMX_K), in.ld = in.Kp + AMX_K;
+  const at::Tensor xb = x.to(at::kBFloat16).contiguous();
+  in.x.resize(in.Mp * in.ld);  // zeros
+  for (int64_t m = 0; m < in.M; ++m)
+    std::memcpy(in.x.data() + m * in.ld, xb.data_ptr<c10::BFloat16>() + m * K, K * sizeof(c10::BFloat16));
+  return in;
+}
+
+#if GLMKIT_AMX
+// 16 float32 pairs (even[n], odd[n]) as bfloat16 pairs, rounded to nearest even.
+GLMKIT_AMX_TARGET inline __m512i bf16_pair_row(__m512 even, __m512 odd) {
+  // words 0, 16, 1, 17, ...: the two inputs of a pair side by side, output by output
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i both = _mm512_castps_si512((__m512)_mm512_cvtne2ps_pbh(odd, even));  // even's 16, then odd's
+  return _mm512_permutexvar_epi16(interleave, both);
+}
+
+// Inputs k0 .. k0 + count of a tile's weights, dequantized as `tdpbf16ps` reads them: (count / 2, 16) dwords,
+// dword (p, n) the bfloat16 pair (W[n][k0 + 2p], W[n][k0 + 2p + 1]), W = (u - offset) s + z per group of `group`
+// inputs (u: the tile's unsigned bytes, offset 8 for int4, 128 for int8), rounded to nearest even.
+GLMKIT_AMX_TARGET void bf16_weights(const Tile& t, int offset, int64_t group, int64_t k0, int64_t count,
+                                    uint32_t* pairs) {
+  const __m512i byte = _mm512_set1_epi32(0xFF), off = _mm512_set1_epi32(offset);
+  auto weights = [&](__m512i v, int shift, __m512 s, __m512 z) {  // byte `shift / 8` of each dword, dequantized
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(v, shift), byte), off)),
+                           s, z);
+  };
+  for (int64_t k = k0; k < k0 + count;) {  // k0 and count are multiples of 32, and so is `group`
+    const int64_t g = k / group, end = std::min(k0 + count, (g + 1) * group);
+    const __m512 s = _mm512_loadu_ps(&t.s[g * 16]), z = _mm512_loadu_ps(&t.z[g * 16]);
+    for (; k < end; k += 4) {  // inputs k .. k + 3: two rows of pairs
+      const __m512i v = _mm512_load_si512(&t.w[k / 4]);
+      uint32_t* out = pairs + (k - k0) / 2 * 16;
+      _mm512_storeu_si512(out, bf16_pair_row(weights(v, 0, s, z), weights(v, 8, s, z)));
+      _mm512_storeu_si512(out + 16, bf16_pair_row(weights(v, 16, s, z), weights(v, 24, s, z)));
+    }
+  }
+}
+#endif
+
+constexpr int AMX_TILES = 8;      // weight tiles (of 16 outputs) a thread takes at once: 128 outputs
+constexpr int64_t AMX_KB = 512;   // inputs per pass: the inputs' slice (rows x 1 KB) stays in L2 for the 8 tiles
+
+#if GLMKIT_AMX
+// Tiles: 0-3 the sums (input tile i, weight tile j in tile 2 i + j), 4-5 the inputs, 6-7 the weights.
+GLMKIT_AMX_TARGET void amx_configure() {
+  glmkit_csrc::TileConfig config;
+  for (int t = 0; t < 8; ++t) config.tile(t, 16, 64);
+  asm volatile("" : : "r"(&config) : "memory");  // GCC's intrinsic declares it reads 8 bytes: keep every store
+  _tile_loadconfig(&config);
+}
+
+GLMKIT_AMX_TARGET void amx_release() { _tile_release(); }
+
+// Adds the products of MI input tiles (x, rows `stride` bytes apart) by two weight tiles (w0, w1) over
+// `steps` x 32 inputs to the float32 sums s0 (weight tile 0) and s1 (weight tile 1), 16 rows x 16 outputs per
+// input tile, rows 64 bytes apart (zero first when `fresh`).
+template <int MI>
+GLMKIT_AMX_TARGET void amx_sums(const c10::BFloat16* x, int64_t stride, const uint32_t* w0, const uint32_t* w1,
+                                int64_t steps, float* s0, float* s1, bool fresh) {
+  if (fresh) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (MI == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  } else {
+    _tile_loadd(0, s0, 64);
+    _tile_loadd(1, s1, 64);
+    if (MI == 2) {
+      _tile_loadd(2, s0 + 256, 64);
+      _tile_loadd(3, s1 + 256, 64);
+    }
+  }
+  for (int64_t i = 0; i < steps; ++i) {  // each load as late as its first use (tiles are not renamed)
+    _tile_loadd(4, x + i * AMX_K, stride);
+    _tile_loadd(6, w0 + i * AMX_K / 2 * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, w1 + i * AMX_K / 2 * 16, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    if (MI == 2) {
+      _tile_loadd(5, x + AMX_M * stride / 2 + i * AMX_K, stride);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, s0, 64);
+  _tile_stored(1, s1, 64);
+  if (MI == 2) {
+    _tile_stored(2, s0 + 256, 64);
+    _tile_stored(3, s1 + 256, 64);
+  }
+}
+
+// The sums of every input row through `count` (even) weight tiles, for inputs k0 .. k0 + kb: w[t] holds tile
+// t's dequantized slice, sums[t] its (Mp, 16) float32 sums.
+GLMKIT_AMX_TARGET void amx_slice(const AmxInputs& in, int64_t k0, int64_t kb, const uint32_t* const* w, int count,
+                                 float* const* sums) {
+  const int64_t stride = in.ld * int64_t(sizeof(c10::BFloat16));
+  for (int t = 0; t < count; t += 2)
+    for (int64_t m0 = 0; m0 < in.M; m0 += 2 * AMX_M) {
+      const c10::BFloat16* x = in.x.data() + m0 * in.ld + k0;
+      if (m0 + 2 * AMX_M <= in.Mp)
+        amx_sums<2>(x, stride, w[t], w[t + 1], kb / AMX_K, sums[t] + m0 * 16, sums[t + 1] + m0 * 16, k0 == 0);
+      else
+        amx_sums<1>(x, stride, w[t], w[t + 1], kb / AMX_K, sums[t] + m0 * 16, sums[t + 1] + m0 * 16, k0 == 0);
+    }
+}
+#endif
+
+// y (M, N) through every weight tile: chunk c's AMX_TILES tiles are filled by fill(c, tiles), which returns
+// the chunk's first output (tile t holds outputs first + 16 t ..); `offset` is the tiles' byte offset (8 for
+// int4, 128 for int8). Chunks are shared between threads; within one, the inputs are taken AMX_KB at a time
+// through all its tiles, so that their slice is read from L2 by every tile.
+template <typename Out, typename Fill>
+void amx_linear(const AmxInputs& in, int64_t groups, int64_t chunks, int offset, Out* y, int64_t N, const Fill& fill) {
+#if GLMKIT_AMX
+  glmkit_csrc::parallel_chunks(chunks, 1, [&](int64_t begin, int64_t end) {
+    amx_configure();
+    std::vector<Tile> tiles(AMX_TILES, Tile(in.Kp, groups));
+    // each tile's weights and sums 64 bytes past a power of 2 from the previous one's: no cache-set aliasing
+    const int64_t w_stride = AMX_KB / 2 * 16 + 16, s_stride = in.Mp * 16 + 16;
+    std::vector<uint32_t> weights(AMX_TILES * w_stride);
+    std::vector<float> sums(AMX_TILES * s_stride);
+    uint32_t* w[AMX_TILES];
+    float* s[AMX_TILES];
+    for (int t = 0; t < AMX_TILES; ++t) w[t] = weights.data() + t * w_stride, s[t] = sums.data() + t * s_stride;
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t first = fill(c, tiles.data());
+      const int count = int(std::min<int64_t>(AMX_TILES, (N - first + 31) / 32 * 2));  // whole pairs with outputs
+      for (int64_t k0 = 0; k0 < in.Kp; k0 += AMX_KB) {
+        const int64_t kb = std::min(AMX_KB, in.Kp - k0);
+        for (int t = 0; t < count; ++t) bf16_weights(tiles[t], offset, in.Kp / groups, k0, kb, w[t]);
+        amx_slice(in, k0, kb, w, count, s);
+      }
+      for (int t = 0; t < count; ++t) {
+        const int64_t n0 = first + 16 * t, rows = std::min<int64_t>(16, N - n0);
+        for (int64_t m = 0; m < in.M && rows > 0; ++m) store(s[t] + m * 16, y + m * N + n0, rows);
+      }
+    }
+    amx_release();
+  });
+#else
+  TORCH_CHECK(false, "glmkit was built without AMX support");
+#endif
+}
+
+template <typename Run>
+at::Tensor amx_output(const at::Tensor& x, const AmxInputs& in, int64_t N, const Run& run) {
+  at::Tensor y = at::empty({in.M, N}, x.options());
+  if (x.scalar_type() == at::kFloat)
+    run(y.data_ptr<float>());
+  else
+    run(y.data_ptr<c10::BFloat16>());
+  return y;
+}
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales_and_zeros,
                        int64_t group_size, int64_t out_features, bool amx) {
   TORCH_CHECK(x.dim() == 2, "expected input rows (M, K), got ", x.dim(), " dimensions");
@@ -431,28 +517,34 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(out_features > n_pad - ROWS4 && out_features <= n_pad, "out_features ", out_features,
               " does not match ", blocks, " blocks of 64 rows");
   const at::Tensor w = weight.contiguous(), sz = scales_and_zeros.contiguous();
-  const bool tiled = x.size(0) >= TILED_MIN_ROWS;
-  const bool on_amx = tiled && x.size(0) >= AMX_MIN_ROWS && amx && glmkit_csrc::amx_int8_usable();
-  const Activations a = on_amx ? quantize_activations(x, false, AMX_M, AMX_BLOCKS * BLOCK)
-                              : quantize_activations(x, false, tiled ? TILE_M : 1);
-  const std::vector<float> gsum = group_sums(a, groups);
-  at::Tensor y = at::empty({a.M, out_features}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint32_t* szp = reinterpret_cast<const uint32_t*>(sz.data_ptr<c10::BFloat16>());
+  if (takes_amx(x, amx)) {
+    const AmxInputs in = amx_inputs(x);
+    return amx_output(x, in, out_features, [&](auto* yp) {
+      amx_linear(in, groups, (blocks + 1) / 2, 8, yp, out_features, [&](int64_t c, Tile* tiles) {
+        for (int64_t b = 2 * c; b < std::min(blocks, 2 * c + 2); ++b)  // rows 0-15, 16-31, 32-47, 48-63 of each
+          int4_tiles(wp + b * K * 32, szp, n_pad, b, K, groups, tiles + 4 * (b - 2 * c));
+        return 2 * c * ROWS4;
+      });
+    });
+  }
+  const bool tiled = x.size(0) >= TILED_MIN_ROWS;
+  const Activations a = quantize_activations(x, false, tiled ? TILE_M : 1);
+  const std::vector<float> gsum = group_sums(a, groups);
+  at::Tensor y = at::empty({a.M, out_features}, x.options());
   const int64_t M = a.M, per_group = group_size / BLOCK;
   auto run = [&](auto* yp) {
     if (tiled) {
       glmkit_csrc::parallel_chunks(blocks, TILED_CHUNK, [&](int64_t begin, int64_t end) {
-        with_tile_product(on_amx, [&](auto product) {
-          std::vector<Tile> tiles(4, Tile(a.Kp, groups));
-          for (int64_t b = begin; b < end; ++b) {
-            int4_tiles(wp + b * K * 32, szp, n_pad, b, K, groups, tiles);
-            for (int r = 0; r < 4; ++r) {
-              const int64_t n0 = b * ROWS4 + 16 * r, rows = std::min<int64_t>(16, out_features - n0);
-              if (rows > 0) product(tiles[r], groups, per_group, a, gsum.data(), yp, out_features, n0, rows);
-            }
+        std::vector<Tile> tiles(4, Tile(a.Kp, groups));
+        for (int64_t b = begin; b < end; ++b) {
+          int4_tiles(wp + b * K * 32, szp, n_pad, b, K, groups, tiles.data());
+          for (int r = 0; r < 4; ++r) {
+            const int64_t n0 = b * ROWS4 + 16 * r, rows = std::min<int64_t>(16, out_features - n0);
+            if (rows > 0) tile_all_inputs(tiles[r], groups, per_group, a, gsum.data(), yp, out_features, n0, rows);
           }
-        });
+        }
       });
       return;
     }
@@ -597,7 +689,7 @@ void int8_tile(const int8_t* w, int64_t K, const uint16_t* s, const uint16_t* z,
     for (int r = 0; r < 16; ++r) {
       const float sc = r < rows ? bf16_to_float(s[(n0 + r) * groups + g]) : 0.0f;
       const float zc = r < rows && z ? bf16_to_float(z[(n0 + r) * groups + g]) : 0.0f;
-      t.s[g * 16 + r] = sc, t.c[g * 16 + r] = zc - 128.0f * sc;
+      t.s[g * 16 + r] = sc, t.c[g * 16 + r] = zc - 128.0f * sc, t.z[g * 16 + r] = zc;
     }
 }
 
@@ -618,28 +710,35 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
     z = zeros->contiguous();
     TORCH_CHECK(z.scalar_type() == at::kBFloat16 && z.numel() == N * groups, "zeros must be bfloat16 like scales");
   }
-  const bool tiled = x.size(0) >= TILED_MIN_ROWS && K % 4 == 0;  // the tile gathers whole dwords of a row
-  const bool on_amx = tiled && x.size(0) >= AMX_MIN_ROWS && amx && glmkit_csrc::amx_int8_usable();
-  const Activations a = on_amx ? quantize_activations(x, false, AMX_M, AMX_BLOCKS * BLOCK)
-                              : quantize_activations(x, !tiled, tiled ? TILE_M : 1);
-  const std::vector<float> gsum = group_sums(a, groups);
-  at::Tensor y = at::empty({a.M, N}, x.options());
   const int8_t* wp = w.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<c10::BFloat16>());
   const uint16_t* zp = z.defined() ? reinterpret_cast<const uint16_t*>(z.data_ptr<c10::BFloat16>()) : nullptr;
+  if (K % 4 == 0 && takes_amx(x, amx)) {  // the tiles gather whole dwords of a row
+    const AmxInputs in = amx_inputs(x);
+    return amx_output(x, in, N, [&](auto* yp) {
+      amx_linear(in, groups, (N + 16 * AMX_TILES - 1) / (16 * AMX_TILES), 128, yp, N, [&](int64_t c, Tile* tiles) {
+        const int64_t first = 16 * AMX_TILES * c;
+        for (int t = 0; t < AMX_TILES; ++t)  // tiles past N: rows 0, all zero
+          int8_tile(wp, K, sp, zp, groups, first + 16 * t, std::clamp<int64_t>(N - first - 16 * t, 0, 16), tiles[t]);
+        return first;
+      });
+    });
+  }
+  const bool tiled = x.size(0) >= TILED_MIN_ROWS && K % 4 == 0;  // the tile gathers whole dwords of a row
+  const Activations a = quantize_activations(x, !tiled, tiled ? TILE_M : 1);
+  const std::vector<float> gsum = group_sums(a, groups);
+  at::Tensor y = at::empty({a.M, N}, x.options());
   const int mode = group_size == 0 ? 0 : group_size == 32 ? 2 : 1;
   auto run = [&](auto* yp) {
     if (tiled) {
       const int64_t per_group = group_size == 0 ? a.blocks : group_size / BLOCK;
       glmkit_csrc::parallel_chunks((N + 15) / 16, TILED_CHUNK, [&](int64_t begin, int64_t end) {
-        with_tile_product(on_amx, [&](auto product) {
-          Tile t(a.Kp, groups);
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t n0 = 16 * i, rows = std::min<int64_t>(16, N - n0);
-            int8_tile(wp, K, sp, zp, groups, n0, rows, t);
-            product(t, groups, per_group, a, gsum.data(), yp, N, n0, rows);
-          }
-        });
+        Tile t(a.Kp, groups);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t n0 = 16 * i, rows = std::min<int64_t>(16, N - n0);
+          int8_tile(wp, K, sp, zp, groups, n0, rows, t);
+          tile_all_inputs(t, groups, per_group, a, gsum.data(), yp, N, n0, rows);
+        }
       });
       return;
     }
@@ -674,11 +773,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(glmkit_cpu, m) {
-  // amx=False keeps prompts off the AMX tiles (the same bits either way; for tests and benchmarks)
+  // amx=False keeps prompts off the AMX tiles (tests and benchmarks compare both)
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size, int out_features, "
         "bool amx=True) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? zeros, int group_size, bool amx=True) -> Tensor");
-  m.def("amx_int8_usable() -> bool", [] { return glmkit_csrc::amx_int8_usable(); });  // no tensors: every backend
+  m.def("amx_usable() -> bool", [] { return glmkit_csrc::amx_bf16_usable(); });  // no tensors: every backend
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
 }
 

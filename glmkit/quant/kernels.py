@@ -11,8 +11,9 @@ Measured on a 2-core AVX-512 CPU at ChatGLM3-6B's shapes (benchmarks/bench_quant
   the memory bandwidth (int4 and int8 about 100% of a streaming read with one thread; torch's int4 kernel
   66%, its int8 kernel 80%); a 256-row prompt about 3x faster than the bfloat16 path (4608 x 4096, one
   thread: int8 24 ms, int4 26 ms, bfloat16 74 ms, the float32 paths below 78-82 ms) where the CPU has no AMX.
-  With AMX, 16 rows or more multiply on its tiles (the same integer sums, the same bits), 1.1-1.35x faster; the
-  bfloat16 path there runs on oneDNN's AMX kernel and is the faster one for prompts (benchmarks/RESULTS.md).
+  On CPUs with AMX, 64 rows or more run on its tiles instead, as bfloat16 products of x and the weight
+  dequantized tile by tile: 1.7-1.9x the integer path at 256-512 rows, near oneDNN's bfloat16 kernel on a
+  bfloat16 weight (benchmarks/RESULTS.md).
 - CPU without them (no compiler, no AVX-512 VNNI): few rows through torch's `_weight_int8pack_mm` /
   `_weight_int4pack_mm_for_cpu` with bfloat16 activations (float32 or float16 activations make those
   30-100x slower, so activations are cast); above `*_KERNEL_MAX_ROWS` rows the weight is dequantized to
@@ -70,15 +71,16 @@ def input_grad(layer, grad: torch.Tensor) -> torch.Tensor:
 # (A decode step makes over a hundred of these calls: they skip what costs microseconds and does nothing.)
 
 def vnni_int8(layer, x: torch.Tensor, amx: bool = True) -> torch.Tensor:
-    """int8 weights (any group size) times x quantized to int8 per 32 inputs; reads the stored weight. Many rows
-    run on AMX tiles where the CPU has them, unless `amx` is False: the same bits either way."""
+    """int8 weights (any group size) times x quantized to int8 per 32 inputs; reads the stored weight. Where the
+    CPU has AMX (and `amx`), 64 rows or more multiply on its tiles instead: x in bfloat16 times the weight
+    dequantized to bfloat16, a tile at a time."""
     y = torch.ops.glmkit_cpu.int8_linear(_vnni_input(x), layer.weight, layer.scales, layer.zeros, layer.group_size,
                                           amx)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def vnni_int4(layer, x: torch.Tensor, amx: bool = True) -> torch.Tensor:
-    """int4 weights in the checkpoint's blocked layout times x quantized to int8 per 32 inputs (AMX: as above)."""
+    """int4 weights in the checkpoint's blocked layout times x quantized to int8 per 32 inputs (AMX: as int8)."""
     y = torch.ops.glmkit_cpu.int4_linear(_vnni_input(x), layer.weight, layer.scales_and_zeros, layer.group_size,
                                           layer.out_features, amx)
     return y if y.dtype == x.dtype else y.to(x.dtype)
