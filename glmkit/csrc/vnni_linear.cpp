@@ -490,9 +490,10 @@ void amx_linear(const AmxInputs& in, int64_t groups, int64_t chunks, int offset,
 #endif
 }
 
+// A new (M, N) output of x's dtype, filled by run(its float32 or bfloat16 data).
 template <typename Run>
-at::Tensor amx_output(const at::Tensor& x, const AmxInputs& in, int64_t N, const Run& run) {
-  at::Tensor y = at::empty({in.M, N}, x.options());
+at::Tensor output_rows(const at::Tensor& x, int64_t M, int64_t N, const Run& run) {
+  at::Tensor y = at::empty({M, N}, x.options());
   if (x.scalar_type() == at::kFloat)
     run(y.data_ptr<float>());
   else
@@ -521,7 +522,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const uint32_t* szp = reinterpret_cast<const uint32_t*>(sz.data_ptr<c10::BFloat16>());
   if (takes_amx(x, amx)) {
     const AmxInputs in = amx_inputs(x);
-    return amx_output(x, in, out_features, [&](auto* yp) {
+    return output_rows(x, in.M, out_features, [&](auto* yp) {
       amx_linear(in, groups, (blocks + 1) / 2, 8, yp, out_features, [&](int64_t c, Tile* tiles) {
         for (int64_t b = 2 * c; b < std::min(blocks, 2 * c + 2); ++b)  // rows 0-15, 16-31, 32-47, 48-63 of each
           int4_tiles(wp + b * K * 32, szp, n_pad, b, K, groups, tiles + 4 * (b - 2 * c));
@@ -532,9 +533,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const bool tiled = x.size(0) >= TILED_MIN_ROWS;
   const Activations a = quantize_activations(x, false, tiled ? TILE_M : 1);
   const std::vector<float> gsum = group_sums(a, groups);
-  at::Tensor y = at::empty({a.M, out_features}, x.options());
   const int64_t M = a.M, per_group = group_size / BLOCK;
-  auto run = [&](auto* yp) {
+  return output_rows(x, M, out_features, [&](auto* yp) {
     if (tiled) {
       glmkit_csrc::parallel_chunks(blocks, TILED_CHUNK, [&](int64_t begin, int64_t end) {
         std::vector<Tile> tiles(4, Tile(a.Kp, groups));
@@ -563,12 +563,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
         }
       }
     });
-  };
-  if (x.scalar_type() == at::kFloat)
-    run(y.data_ptr<float>());
-  else
-    run(y.data_ptr<c10::BFloat16>());
-  return y;
+  });
 }
 
 // ---- int8 --------------------------------------------------------------------------------------------------
@@ -715,7 +710,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const uint16_t* zp = z.defined() ? reinterpret_cast<const uint16_t*>(z.data_ptr<c10::BFloat16>()) : nullptr;
   if (K % 4 == 0 && takes_amx(x, amx)) {  // the tiles gather whole dwords of a row
     const AmxInputs in = amx_inputs(x);
-    return amx_output(x, in, N, [&](auto* yp) {
+    return output_rows(x, in.M, N, [&](auto* yp) {
       amx_linear(in, groups, (N + 16 * AMX_TILES - 1) / (16 * AMX_TILES), 128, yp, N, [&](int64_t c, Tile* tiles) {
         const int64_t first = 16 * AMX_TILES * c;
         for (int t = 0; t < AMX_TILES; ++t)  // tiles past N: rows 0, all zero
@@ -727,9 +722,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const bool tiled = x.size(0) >= TILED_MIN_ROWS && K % 4 == 0;  // the tile gathers whole dwords of a row
   const Activations a = quantize_activations(x, !tiled, tiled ? TILE_M : 1);
   const std::vector<float> gsum = group_sums(a, groups);
-  at::Tensor y = at::empty({a.M, N}, x.options());
   const int mode = group_size == 0 ? 0 : group_size == 32 ? 2 : 1;
-  auto run = [&](auto* yp) {
+  return output_rows(x, a.M, N, [&](auto* yp) {
     if (tiled) {
       const int64_t per_group = group_size == 0 ? a.blocks : group_size / BLOCK;
       glmkit_csrc::parallel_chunks((N + 15) / 16, TILED_CHUNK, [&](int64_t begin, int64_t end) {
@@ -752,12 +746,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
       else
         int8_all_rows<2>(wp, K, sp, zp, groups, group_size, lo, hi, a, gsum.data(), yp, N);
     });
-  };
-  if (x.scalar_type() == at::kFloat)
-    run(y.data_ptr<float>());
-  else
-    run(y.data_ptr<c10::BFloat16>());
-  return y;
+  });
 }
 
 // The activation quantization alone, for tests: (q (M, Kp) int8, dx (M, Kp / 32) float32).
