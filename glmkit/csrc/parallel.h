@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 namespace glmkit_csrc {
 
@@ -38,5 +39,25 @@ void parallel_chunks(int64_t n, int64_t chunk, const F& fn) {
     }
   });
 }
+
+// Scratch memory for the callbacks of one parallel_chunks call, one per thread: `fn` runs once per chunk it is
+// given, so what it allocates itself is allocated (and zeroed) again for every chunk. get(make) returns the
+// calling thread's, made by make() on its first chunk.
+template <typename T>
+class ThreadScratch {
+ public:
+  // (called inside a parallel region, parallel_chunks runs every chunk on the calling thread, whatever its number)
+  ThreadScratch() : slots_(std::max(at::get_num_threads(), at::get_thread_num() + 1)) {}
+
+  template <typename Make>
+  T& get(const Make& make) {
+    std::unique_ptr<T>& slot = slots_[at::get_thread_num()];
+    if (!slot) slot = std::make_unique<T>(make());
+    return *slot;
+  }
+
+ private:
+  std::vector<std::unique_ptr<T>> slots_;
+};
 
 }  // namespace glmkit_csrc

@@ -460,16 +460,25 @@ GLMKIT_AMX_TARGET void amx_slice(const AmxInputs& in, int64_t k0, int64_t kb, co
 template <typename Out, typename Fill>
 void amx_linear(const AmxInputs& in, int64_t groups, int64_t chunks, int offset, Out* y, int64_t N, const Fill& fill) {
 #if GLMKIT_AMX
+  // A thread's tiles, and each tile's weights and sums 64 bytes past a power of 2 from the previous one's (no
+  // cache-set aliasing).
+  struct Scratch {
+    std::vector<Tile> tiles;
+    std::vector<uint32_t> weights;
+    std::vector<float> sums;
+  };
+  const int64_t w_stride = AMX_KB / 2 * 16 + 16, s_stride = in.Mp * 16 + 16;
+  glmkit_csrc::ThreadScratch<Scratch> scratch;
   glmkit_csrc::parallel_chunks(chunks, 1, [&](int64_t begin, int64_t end) {
-    amx_configure();
-    std::vector<Tile> tiles(AMX_TILES, Tile(in.Kp, groups));
-    // each tile's weights and sums 64 bytes past a power of 2 from the previous one's: no cache-set aliasing
-    const int64_t w_stride = AMX_KB / 2 * 16 + 16, s_stride = in.Mp * 16 + 16;
-    std::vector<uint32_t> weights(AMX_TILES * w_stride);
-    std::vector<float> sums(AMX_TILES * s_stride);
+    Scratch& mine = scratch.get([&] {
+      return Scratch{std::vector<Tile>(AMX_TILES, Tile(in.Kp, groups)), std::vector<uint32_t>(AMX_TILES * w_stride),
+                     std::vector<float>(AMX_TILES * s_stride)};
+    });
+    std::vector<Tile>& tiles = mine.tiles;
     uint32_t* w[AMX_TILES];
     float* s[AMX_TILES];
-    for (int t = 0; t < AMX_TILES; ++t) w[t] = weights.data() + t * w_stride, s[t] = sums.data() + t * s_stride;
+    for (int t = 0; t < AMX_TILES; ++t) w[t] = mine.weights.data() + t * w_stride, s[t] = mine.sums.data() + t * s_stride;
+    amx_configure();
     for (int64_t c = begin; c < end; ++c) {
       const int64_t first = fill(c, tiles.data());
       const int count = int(std::min<int64_t>(AMX_TILES, (N - first + 31) / 32 * 2));  // whole pairs with outputs
@@ -536,8 +545,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t M = a.M, per_group = group_size / BLOCK;
   return output_rows(x, M, out_features, [&](auto* yp) {
     if (tiled) {
+      glmkit_csrc::ThreadScratch<std::vector<Tile>> scratch;
       glmkit_csrc::parallel_chunks(blocks, TILED_CHUNK, [&](int64_t begin, int64_t end) {
-        std::vector<Tile> tiles(4, Tile(a.Kp, groups));
+        std::vector<Tile>& tiles = scratch.get([&] { return std::vector<Tile>(4, Tile(a.Kp, groups)); });
         for (int64_t b = begin; b < end; ++b) {
           int4_tiles(wp + b * K * 32, szp, n_pad, b, K, groups, tiles.data());
           for (int r = 0; r < 4; ++r) {
@@ -726,8 +736,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return output_rows(x, a.M, N, [&](auto* yp) {
     if (tiled) {
       const int64_t per_group = group_size == 0 ? a.blocks : group_size / BLOCK;
+      glmkit_csrc::ThreadScratch<Tile> scratch;
       glmkit_csrc::parallel_chunks((N + 15) / 16, TILED_CHUNK, [&](int64_t begin, int64_t end) {
-        Tile t(a.Kp, groups);
+        Tile& t = scratch.get([&] { return Tile(a.Kp, groups); });
         for (int64_t i = begin; i < end; ++i) {
           const int64_t n0 = 16 * i, rows = std::min<int64_t>(16, N - n0);
           int8_tile(wp, K, sp, zp, groups, n0, rows, t);
